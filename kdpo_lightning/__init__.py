@@ -1,0 +1,1 @@
+"""kdpo-lightning: knowledge editing with KDPO on PyTorch Lightning."""
