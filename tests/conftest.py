@@ -1,0 +1,94 @@
+"""Shared fixtures: offline tokenizers trained on real data, tiny random-init models."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DATA = SHARED / "data"
+SMOLLM_DIR = SHARED / "models" / "smollm2-135m-instruct"
+
+
+def _corpus() -> list[str]:
+    records = json.loads((DATA / "ZsRE" / "ZsRE-test-all.json").read_text())
+    texts = []
+    for r in records:
+        texts += [r["prompt"], r["target_new"], r["rephrase_prompt"], r["subject"]]
+    return texts
+
+
+def _wrap(tok: Tokenizer, **special) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+
+
+def make_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2/LLaMA-3/Qwen style byte-level BPE (no BOS), trained on ZsRE text."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    return _wrap(tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def make_sp_tokenizer() -> PreTrainedTokenizerFast:
+    """LLaMA-2 style sentencepiece BPE (metaspace, BOS prepended), trained on ZsRE text."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(_corpus(), trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return _wrap(tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+
+
+def tiny_config(arch: str, vocab_size: int = 512):
+    """A 4-layer, 64-wide config of the given architecture family."""
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_positions=256, n_embd=64, n_layer=4, n_head=4,
+                          bos_token_id=0, eos_token_id=0)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    return cls(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+
+
+def tiny_model(arch: str, vocab_size: int = 512, seed: int = 0) -> torch.nn.Module:
+    """A random-init fp32 causal LM, built offline from a transformers config."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    return make_bpe_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer() -> PreTrainedTokenizerFast:
+    return make_sp_tokenizer()
+
+
+@pytest.fixture(params=["llama", "qwen2", "gpt2"])
+def arch(request) -> str:
+    return request.param
