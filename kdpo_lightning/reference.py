@@ -1,0 +1,69 @@
+"""Where the reference policy's log-probs come from: the model as it was when the edit started.
+
+Three strategies behind one interface (`begin_edit`, then `rows`):
+- `cached` (default): KDPO scores y_w and y_l in the one context c+y_w, so one no-grad forward at
+  the start of the edit gives every reference row the edit will ever need. No extra weights.
+- `swap`: keep only the original values of the trained tensors and swap them in for a reference
+  forward. Needed by vanilla DPO, whose y_l context changes every cycle.
+- `copy`: a frozen deepcopy of the model, as in the paper's released code (doubles memory).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor
+
+from .policy import Policy, target_rows
+
+
+class CachedReference:
+    """Reference rows from one forward at edit start; valid only for the edit's own input."""
+
+    def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int) -> None:
+        with torch.no_grad():
+            self._rows = policy.rows(input_ids, n_target)
+        self._ids = input_ids
+
+    def rows(self, input_ids: Tensor, n_target: int) -> Tensor:
+        if input_ids.shape != self._ids.shape or not torch.equal(input_ids, self._ids):
+            raise ValueError("the cached reference only scores the edit's own c+y_w; use reference 'swap' or 'copy'")
+        return self._rows
+
+
+class SwapReference:
+    """Reference forwards with the original trained tensors swapped in, then swapped back."""
+
+    def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int) -> None:
+        self._policy, self._original = policy, policy.original_values()
+
+    def rows(self, input_ids: Tensor, n_target: int) -> Tensor:
+        current = self._policy.original_values()
+        self._policy.load_values(self._original)
+        try:
+            with torch.no_grad():
+                return self._policy.rows(input_ids, n_target)
+        finally:
+            self._policy.load_values(current)
+
+
+class CopyReference:
+    """A frozen deepcopy of the whole model taken at edit start (the paper's `pi_ref = pi.copy()`)."""
+
+    def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int) -> None:
+        self._model = None  # free the previous edit's copy before making the next one
+        self._model = copy.deepcopy(policy.model).requires_grad_(False)
+
+    def rows(self, input_ids: Tensor, n_target: int) -> Tensor:
+        with torch.no_grad():
+            return target_rows(self._model, n_target, input_ids=input_ids)
+
+
+REFERENCES = {"cached": CachedReference, "swap": SwapReference, "copy": CopyReference}
+
+
+def make_reference(name: str) -> CachedReference | SwapReference | CopyReference:
+    """Build a reference strategy by name: cached, swap or copy."""
+    if name not in REFERENCES:
+        raise ValueError(f"unknown reference {name!r}; choose one of {sorted(REFERENCES)}")
+    return REFERENCES[name]()
