@@ -6,6 +6,7 @@ without a Trainer through `editor.edit(request)`.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,11 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from .data import EditRequest, Encoded, encode
+from .evaluate import EditEvaluator, format_table, write_results
 from .loop import EditConfig, EditRecord, NonFiniteError, run_edit
 from .policy import Policy
 from .reference import make_reference
+from .saving import apply_edit, save_edit
 
 DEFAULT_REFERENCE = {"kdpo": "cached", "dpo": "swap", "ftm": None}
+EVAL_MODES = ("after_all", "after_each")
 
 
 class KDPOEditor(L.LightningModule):
@@ -40,6 +44,13 @@ class KDPOEditor(L.LightningModule):
         dtype: str = "auto",
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
+        eval_mode: str = "after_all",
+        fluency: bool = True,
+        fluency_sampling: str = "greedy",
+        max_new_tokens: int = 100,
+        eval_batch_size: int = 16,
+        results_path: str | None = None,
+        apply_edit: str | None = None,
     ) -> None:
         """
         Args:
@@ -58,19 +69,35 @@ class KDPOEditor(L.LightningModule):
             dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.
             trust_remote_code: allow model code from the model directory.
             allow_pickle: allow pickled (non-safetensors) weights.
+            eval_mode: after_all (apply every edit, then evaluate all; the paper's protocol) or
+                after_each (evaluate each request right after its own edit).
+            fluency: score the n-gram entropy of text generated from each prompt.
+            fluency_sampling: greedy, or top_k (EasyEdit's top-5 sampling, seeded).
+            max_new_tokens: tokens generated for fluency.
+            eval_batch_size: prompts per evaluation forward.
+            results_path: where the results JSON goes (default: results.json in the log dir).
+            apply_edit: a saved edit (.safetensors) to apply before `validate`/`test` evaluate it.
         """
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trained tensors
         self.config = EditConfig(method, n_cycles, n_steps, lr, beta, mask_where_equal, early_stop)
         self.reference_name = reference if reference is not None else DEFAULT_REFERENCE[method]
         if method == "dpo" and self.reference_name == "cached":
             raise ValueError("vanilla DPO scores y_l in a new context every cycle: use reference 'swap' or 'copy'")
         if self.reference_name is not None:
             make_reference(self.reference_name)  # fail on a bad name now, not at the first edit
+        if eval_mode not in EVAL_MODES:
+            raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
         self.lm: nn.Module | None = None
         self.tokenizer = None
         self.records: dict[int, dict[str, Any]] = {}
+        """Per edited request index: its edit record (cycles, steps, losses, success, seconds)."""
+        self.rows: dict[int, dict[str, Any]] = {}
+        """Per evaluated request index: its metrics row."""
+        self.evaluator: EditEvaluator | None = None
+        self._restored: dict[str, Any] = {}
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer, **hparams: Any) -> "KDPOEditor":
@@ -125,12 +152,111 @@ class KDPOEditor(L.LightningModule):
         optimizer = self.optimizers()
         optimizer.optimizer.state.clear()  # a fresh Adam for every edit, as in the paper
         record = self._edit(batch["input_ids"][None], int(batch["target_start"]), optimizer, self.manual_backward)
-        self.records[int(batch["index"])] = record.as_dict()
+        index = int(batch["index"])
+        self.records[index] = record.as_dict()
+        self.trainer.datamodule.mark_done(index)
+        if self.hparams.eval_mode == "after_each":
+            self.rows[index] = self.evaluator.evaluate(self.lm, [index])[0]
         successes = sum(r["success"] for r in self.records.values())
         self.log_dict({"edit/cycles": float(record.cycles), "edit/steps": float(record.steps),
                        "edit/loss": record.last_loss if record.last_loss is not None else 0.0,
                        "edit/success": float(record.success)}, on_step=True, batch_size=1)
         self.log("success_rate", successes / len(self.records), prog_bar=True, on_step=True, batch_size=1)
+
+    # Evaluation: pre-edit snapshot at the start, scores after each edit or after all of them.
+
+    def on_fit_start(self) -> None:
+        self._start_evaluation()
+
+    def on_validation_start(self) -> None:
+        self._evaluate_saved_edit()
+
+    def on_test_start(self) -> None:
+        self._evaluate_saved_edit()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Nothing per batch: `validate`/`test` score the whole stream at the end."""
+
+    test_step = validation_step
+
+    def on_train_end(self) -> None:
+        indices = list(self.records)
+        if self.hparams.eval_mode == "after_all":
+            self.rows = {row["index"]: row for row in self.evaluator.evaluate(self.lm, indices)}
+        self._finish(indices)
+        if self.trainer.is_global_zero:
+            path = Path(self._results_path()).with_name("edit.safetensors")
+            save_edit(path, self.policy.params, self._metadata(len(indices)))
+            print(f"Edited tensors saved to {path}")
+
+    def on_validation_end(self) -> None:
+        indices = list(range(len(self.trainer.datamodule.requests)))
+        self.rows = {row["index"]: row for row in self.evaluator.evaluate(self.lm, indices)}
+        self._finish(indices)
+
+    on_test_end = on_validation_end
+
+    def _start_evaluation(self) -> None:
+        hp = self.hparams
+        self.evaluator = EditEvaluator(self.tokenizer, self.trainer.datamodule.requests, hp.eval_batch_size,
+                                       hp.fluency, hp.fluency_sampling, hp.max_new_tokens, seed=self._seed())
+        if "evaluator" in self._restored:
+            self.evaluator.load_state_dict(self._restored["evaluator"])
+        else:
+            self.evaluator.snapshot_pre(self.lm)
+
+    def _evaluate_saved_edit(self) -> None:
+        self._start_evaluation()
+        if self.hparams.apply_edit:
+            apply_edit(self.lm, self.hparams.apply_edit)
+
+    def _finish(self, indices: list[int]) -> None:
+        """Summarize, write the results JSON, log the final metrics, print the table."""
+        rows, records = [self.rows[i] for i in indices], [self.records.get(i, {}) for i in indices]
+        summary = self.evaluator.summarize(rows)
+        if self.records:
+            summary["edits_succeeded"] = 100.0 * sum(r["success"] for r in records) / len(records)
+        if not self.trainer.is_global_zero:
+            return
+        dm = self.trainer.datamodule
+        path = write_results(self._results_path(), config=dict(self.hparams) | {"data": dict(dm.hparams)},
+                             model=self.hparams.name_or_path, dataset=str(dm.hparams.path),
+                             method=self.hparams.method, rows=rows, edit_records=records, summary=summary)
+        if self.logger is not None:
+            self.logger.log_metrics({f"final/{k}": v for k, v in summary.items()}, step=len(indices))
+            self.logger.log_hyperparams(self._plain_hparams(), {f"hp/{k}": v for k, v in summary.items()})
+        print(f"\n{len(indices)} edits, {self.hparams.method}, {self.hparams.eval_mode}:\n{format_table(summary)}")
+        print(f"Results written to {path}")
+
+    def _results_path(self) -> str:
+        if self.hparams.results_path:
+            return self.hparams.results_path
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        return str(Path(log_dir) / "results.json")
+
+    def _metadata(self, n_edits: int) -> dict:
+        return {"base_model": self.hparams.name_or_path, "method": self.hparams.method,
+                "edits_applied": n_edits, "config": self._plain_hparams()}
+
+    def _plain_hparams(self) -> dict:
+        return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.hparams.items()}
+
+    def _seed(self) -> int:
+        return int(getattr(self.trainer.datamodule.hparams, "seed", 0) or 0)
+
+    # Resuming: a checkpoint holds only the trained tensors, the records and the evaluator's snapshot.
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {f"lm.{k}": v.detach().cpu() for k, v in self.policy.params.items()}
+        checkpoint["kdpo"] = {"records": self.records, "rows": self.rows, "evaluator": self.evaluator.state_dict(),
+                              "rng": torch.get_rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["kdpo"]
+        self.records = {int(k): v for k, v in state["records"].items()}
+        self.rows = {int(k): v for k, v in state["rows"].items()}
+        self._restored = {"evaluator": state["evaluator"]}
+        torch.set_rng_state(state["rng"])
 
     def _edit(self, input_ids: Tensor, target_start: int, optimizer, backward) -> EditRecord:
         """Run one edit; on a non-finite loss or weight, restore the pre-edit tensors and mark it failed."""

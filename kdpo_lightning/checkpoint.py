@@ -1,0 +1,42 @@
+"""Resumable runs: a checkpoint every K edits holding only what changes, written atomically."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+
+
+def last_checkpoint(dirpath: str | os.PathLike) -> Path:
+    return Path(dirpath) / "last.ckpt"
+
+
+class EditCheckpoint(L.Callback):
+    """Save `last.ckpt` after every `every_n_edits` edits and after the last one.
+
+    The file holds the trained tensors, the stream position, the records so far and the RNG
+    state (see `KDPOEditor.on_save_checkpoint`), not the model. It is written to a temp file and
+    renamed, so a kill during the write leaves the previous checkpoint valid.
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_edits: int = 10) -> None:
+        if every_n_edits < 1:
+            raise ValueError(f"every_n_edits must be at least 1, got {every_n_edits}")
+        self.dirpath, self.every_n_edits = dirpath, every_n_edits
+
+    def resolve_dir(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        done = len(pl_module.records)
+        if done % self.every_n_edits == 0 or done == len(trainer.datamodule.requests):
+            self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> Path:
+        path = last_checkpoint(self.resolve_dir(trainer))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+        return path

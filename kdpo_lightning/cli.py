@@ -1,0 +1,75 @@
+"""`kdpo-lightning`: LightningCLI over `KDPOEditor` and `SequentialEditDataModule`.
+
+    kdpo-lightning fit --config configs/llama3_wikirecent.yaml
+    kdpo-lightning fit --config configs/demo.yaml --ckpt_path last     # resume
+    kdpo-lightning validate --config ... --model.apply_edit runs/x/edit.safetensors
+    kdpo-lightning prepare-model smollm2-135m
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from .checkpoint import EditCheckpoint, last_checkpoint
+from .data import SequentialEditDataModule
+from .module import KDPOEditor
+
+TRAINER_DEFAULTS = {
+    "max_epochs": 1,
+    "log_every_n_steps": 1,
+    "num_sanity_val_steps": 0,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "devices": 1,
+    "default_root_dir": "runs",
+}
+
+
+class EditCLI(LightningCLI):
+    """Loads the model before the run so the data module can tokenize with its tokenizer."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(EditCheckpoint, "checkpoint")
+
+    def _prepare(self) -> None:
+        self.model.load()
+        self.datamodule.set_tokenizer(self.model.tokenizer)
+
+    def before_fit(self) -> None:
+        self._prepare()
+        callback = next(c for c in self.trainer.callbacks if isinstance(c, EditCheckpoint))
+        kwargs = self.config_init[self.subcommand]
+        if kwargs.get("ckpt_path") == "last":
+            path = last_checkpoint(callback.resolve_dir(self.trainer))
+            if not path.exists():
+                raise FileNotFoundError(f"--ckpt_path last: no checkpoint at {path}; start without --ckpt_path")
+            kwargs["ckpt_path"] = str(path)
+
+    before_validate = before_test = _prepare
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; known errors end in one clear line, not a traceback."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["prepare-model"]:
+        from .models import prepare_model_main
+
+        return prepare_model_main(args[1:])
+    from .data import DataError
+    from .models import ModelNotFoundError, ProvisioningError, UnsafeWeightsError
+
+    try:
+        EditCLI(KDPOEditor, SequentialEditDataModule, trainer_defaults=TRAINER_DEFAULTS,
+                save_config_kwargs={"overwrite": True}, args=args)
+    except (DataError, ModelNotFoundError, ProvisioningError, UnsafeWeightsError, ValueError, FileNotFoundError) as err:
+        if os.environ.get("KDPO_DEBUG"):
+            raise
+        print(f"kdpo-lightning: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""An edit as a small file: the trained tensors (safetensors) plus metadata, and applying it."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+
+def save_edit(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
+    """Write the edited tensors and JSON metadata (base model, method, edits, config) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata={"kdpo_lightning": json.dumps(metadata, default=str)})
+    os.replace(tmp, path)
+    return path
+
+
+def read_edit(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata of a saved edit."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("kdpo_lightning", "{}"))
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+def apply_edit(model: nn.Module, path: str | os.PathLike) -> dict:
+    """Overwrite the model's tensors with a saved edit's; returns the edit's metadata.
+
+    Afterwards `model.save_pretrained(dir)` writes the edited model as a normal checkpoint."""
+    tensors, meta = read_edit(path)
+    params = dict(model.named_parameters())
+    missing = sorted(set(tensors) - set(params))
+    if missing:
+        raise ValueError(f"{path}: the model has no parameter(s) {missing}; was the edit made on another architecture?")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if params[name].shape != value.shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model's is {tuple(params[name].shape)}")
+            params[name].copy_(value)
+    return meta
