@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 import sys
 
+import warnings
+
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from .checkpoint import EditCheckpoint, last_checkpoint
@@ -24,7 +27,16 @@ TRAINER_DEFAULTS = {
     "enable_model_summary": False,
     "devices": 1,
     "default_root_dir": "runs",
+    "callbacks": [EditProgressBar()],
 }
+
+
+class EditProgressBar(TQDMProgressBar):
+    """One tick per edit, out of the whole sequence (the edit stream itself has no length)."""
+
+    @property
+    def total_train_batches(self) -> int:
+        return len(self.trainer.datamodule.requests)
 
 
 class EditCLI(LightningCLI):
@@ -60,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .models import ModelNotFoundError, ProvisioningError, UnsafeWeightsError
 
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # edits run in eval mode on purpose
     try:
         EditCLI(KDPOEditor, SequentialEditDataModule, trainer_defaults=TRAINER_DEFAULTS,
-                save_config_kwargs={"overwrite": True}, args=args)
+                save_config_kwargs={"overwrite": True}, args=argv)
     except (DataError, ModelNotFoundError, ProvisioningError, UnsafeWeightsError, ValueError, FileNotFoundError) as err:
         if os.environ.get("KDPO_DEBUG"):
             raise

@@ -193,7 +193,8 @@ class _ProbeMetric(Metric):
             scores = _kind_matrix(scores, self.kinds)
         elif scores.ndim != 2 or scores.shape[1] != len(self.kinds):
             raise ValueError(f"scores must be (B, {len(self.kinds)}), got {tuple(scores.shape)}")
-        for state, value in zip(("kind_total", "kind_count", "total", "count"), _probe_update(scores.double())):
+        states = ("kind_total", "kind_count", "total", "count")
+        for state, value in zip(states, _probe_update(scores.double())):
             setattr(self, state, getattr(self, state) + value.to(getattr(self, state)))
 
     def compute(self) -> dict[str, Tensor]:

@@ -15,6 +15,8 @@ from transformers import (
     Qwen2Config,
 )
 
+torch.set_num_threads(1)  # tiny models: threads only add contention on small CI machines
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data"
 SMOLLM_DIR = SHARED / "models" / "smollm2-135m-instruct"
