@@ -19,6 +19,16 @@ from .checkpoint import EditCheckpoint, last_checkpoint
 from .data import SequentialEditDataModule
 from .module import KDPOEditor
 
+
+
+class EditProgressBar(TQDMProgressBar):
+    """One tick per edit, out of the whole sequence (the edit stream itself has no length)."""
+
+    @property
+    def total_train_batches(self) -> int:
+        return len(self.trainer.datamodule.requests)
+
+
 TRAINER_DEFAULTS = {
     "max_epochs": 1,
     "log_every_n_steps": 1,
@@ -29,14 +39,6 @@ TRAINER_DEFAULTS = {
     "default_root_dir": "runs",
     "callbacks": [EditProgressBar()],
 }
-
-
-class EditProgressBar(TQDMProgressBar):
-    """One tick per edit, out of the whole sequence (the edit stream itself has no length)."""
-
-    @property
-    def total_train_batches(self) -> int:
-        return len(self.trainer.datamodule.requests)
 
 
 class EditCLI(LightningCLI):
