@@ -5,10 +5,23 @@ import os
 from pathlib import Path
 
 import lightning as L
+import torch
 
 
 def last_checkpoint(dirpath: str | os.PathLike) -> Path:
     return Path(dirpath) / "last.ckpt"
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """Fail with one clear line, before anything runs, if `path` is not a kdpo-lightning checkpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    except Exception as err:  # torch.load raises many types for a truncated or foreign file
+        raise ValueError(f"checkpoint {path} is corrupt or not a checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or "kdpo" not in state:
+        raise ValueError(f"checkpoint {path} was not written by kdpo-lightning (no 'kdpo' state)")
 
 
 class EditCheckpoint(L.Callback):

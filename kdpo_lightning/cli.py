@@ -15,7 +15,7 @@ import warnings
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from .checkpoint import EditCheckpoint, last_checkpoint
+from .checkpoint import EditCheckpoint, check_checkpoint, last_checkpoint
 from .data import SequentialEditDataModule
 from .module import KDPOEditor
 
@@ -53,6 +53,7 @@ class EditCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._prepare()
+        self.trainer.limit_val_batches = 0  # `fit` evaluates in the module's hooks, not in a val loop
         callback = next(c for c in self.trainer.callbacks if isinstance(c, EditCheckpoint))
         kwargs = self.config_init[self.subcommand]
         if kwargs.get("ckpt_path") == "last":
@@ -60,6 +61,8 @@ class EditCLI(LightningCLI):
             if not path.exists():
                 raise FileNotFoundError(f"--ckpt_path last: no checkpoint at {path}; start without --ckpt_path")
             kwargs["ckpt_path"] = str(path)
+        if kwargs.get("ckpt_path"):
+            check_checkpoint(kwargs["ckpt_path"])
 
     before_validate = before_test = _prepare
 

@@ -435,6 +435,12 @@ class SequentialEditDataModule(L.LightningDataModule):
                              f"{len(edits)}; resume with the same data arguments")
         return DataLoader(_EditStream(edits, self.position), batch_size=None)
 
+    def val_dataloader(self) -> DataLoader:
+        """The whole sequence, for `validate`/`test`: they score a saved edit without editing."""
+        return DataLoader(_EditStream(self.edits(), 0), batch_size=None)
+
+    test_dataloader = val_dataloader
+
     def probe_dataloader(self, kind: str) -> DataLoader:
         """Probe rows of one kind (see `probe_rows`) in lists of `eval_batch_size`."""
         self.setup()

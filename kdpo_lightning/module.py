@@ -166,6 +166,7 @@ class KDPOEditor(L.LightningModule):
     # Evaluation: pre-edit snapshot at the start, scores after each edit or after all of them.
 
     def on_fit_start(self) -> None:
+        self._check_lengths()
         self._start_evaluation()
 
     def on_validation_start(self) -> None:
@@ -205,6 +206,16 @@ class KDPOEditor(L.LightningModule):
         else:
             self.evaluator.snapshot_pre(self.lm)
 
+    def _check_lengths(self) -> None:
+        """Fail before the first edit if any c+y_w is longer than the model's context."""
+        limit = getattr(self.lm.config, "max_position_embeddings", None) or getattr(self.lm.config, "n_positions", None)
+        dm = self.trainer.datamodule
+        for row in dm.edits() if limit else ():
+            if len(row["input_ids"]) > limit:
+                source = dm.requests[int(row["index"])].source
+                raise ValueError(f"{source}: prompt + target is {len(row['input_ids'])} tokens, longer than the "
+                                 f"model's context of {limit}")
+
     def _evaluate_saved_edit(self) -> None:
         self._start_evaluation()
         if self.hparams.apply_edit:
@@ -225,7 +236,8 @@ class KDPOEditor(L.LightningModule):
         if self.logger is not None:
             self.logger.log_metrics({f"final/{k}": v for k, v in summary.items()}, step=len(indices))
             self.logger.log_hyperparams(self._plain_hparams(), {f"hp/{k}": v for k, v in summary.items()})
-        print(f"\n{len(indices)} edits, {self.hparams.method}, {self.hparams.eval_mode}:\n{format_table(summary)}")
+        print(f"\n{len(indices)} requests, {len(self.records)} edits ({self.hparams.method}, {self.hparams.eval_mode}):"
+              f"\n{format_table(summary)}")
         print(f"Results written to {path}")
 
     def _results_path(self) -> str:
