@@ -1,0 +1,113 @@
+"""The `kdpo-lightning` command: configs parse, an end-to-end run writes results and TensorBoard logs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import DATA, make_bpe_tokenizer, tiny_model
+from safetensors.torch import load_file
+
+from kdpo_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+METHOD_OVERRIDES = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    make_bpe_tokenizer().save_pretrained(path)
+    return path
+
+
+def _tiny_args(tiny_dir: Path, run_dir: Path, n_edits: int = 5) -> list[str]:
+    return ["--config", str(ROOT / "configs/demo.yaml"), "--model.name_or_path", str(tiny_dir),
+            "--model.layer", "2", "--model.lr", "0.001", "--model.max_new_tokens", "10",
+            "--data.path", str(DATA / "ZsRE/ZsRE-test-all.json"), "--data.n_edits", str(n_edits),
+            "--trainer.default_root_dir", str(run_dir)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    for knob in ("n_cycles:", "n_steps:", "lr:", "beta:", "mask_where_equal:", "layer:", "method:", "eval_mode:",
+                 "n_edits:", "seed_everything:", "every_n_edits:"):
+        assert knob in printed
+
+
+@pytest.mark.parametrize("override", METHOD_OVERRIDES, ids=lambda p: p.stem)
+def test_method_overrides_apply(override, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs/llama3_zsre.yaml"), "--config", str(override), "--print_config"])
+    assert f"method: {override.stem}" in capsys.readouterr().out
+
+
+def test_llama3_config_without_weights_says_where_to_point(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    code = main(["fit", "--config", str(ROOT / "configs/llama3_wikirecent.yaml"),
+                 "--trainer.default_root_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "meta-llama/Meta-Llama-3-8B" in err and "model.name_or_path" in err
+    assert "Traceback" not in err
+
+
+def test_wrong_config_value_is_one_clear_line(capsys, tmp_path):
+    code = main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--model.method", "kdpoo",
+                 "--trainer.default_root_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "method must be one of" in err and "kdpoo" in err and "Traceback" not in err
+
+
+def test_fit_end_to_end_in_a_subprocess(tiny_dir, tmp_path):
+    """5 real ZsRE requests on a tiny model: exit 0, results JSON, TensorBoard events, saved edit."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "kdpo_lightning.cli", "fit", *_tiny_args(tiny_dir, run_dir)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Edit Succ." in proc.stdout and "Results written to" in proc.stdout
+
+    (results_path,) = run_dir.glob("lightning_logs/version_*/results.json")
+    results = json.loads(results_path.read_text())
+    assert {"config", "model", "dataset", "method", "n_edits", "summary", "requests"} <= set(results)
+    assert results["n_edits"] == 5 and results["method"] == "kdpo"
+    assert [r["index"] for r in results["requests"]] == list(range(5))
+    for row in results["requests"]:
+        assert {"cycles", "steps", "first_loss", "last_loss", "success", "seconds", "edit_success",
+                "portability", "locality", "fluency"} <= set(row)
+    summary = results["summary"]
+    assert all(0 <= summary[k] <= 100 for k in ("edit_success", "locality", "portability"))
+    assert summary["edit_success"] == pytest.approx(sum(100 * r["edit_success"] for r in results["requests"]) / 5)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(results_path.parent)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"final/edit_success", "final/portability", "final/locality", "final/fluency"} <= tags
+    assert {"edit/cycles", "edit/steps", "edit/loss", "edit/success"} <= tags
+    assert events.Scalars("final/edit_success")[-1].value == pytest.approx(summary["edit_success"], rel=1e-5)
+
+    edit = load_file(results_path.with_name("edit.safetensors"))
+    assert list(edit) == ["model.layers.2.mlp.down_proj.weight"]
+    assert not (run_dir / "checkpoints" / ".last.ckpt.tmp").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+def test_validate_reproduces_the_scores_of_a_saved_edit(tiny_dir, tmp_path, capsys):
+    """`fit` then `validate --model.apply_edit`: the saved edit scores exactly as it did after editing."""
+    fit_results, val_results = tmp_path / "fit.json", tmp_path / "val.json"
+    args = _tiny_args(tiny_dir, tmp_path / "run", n_edits=3) + ["--model.fluency", "false"]
+    assert main(["fit", *args, "--model.results_path", str(fit_results)]) == 0
+    edit = fit_results.with_name("edit.safetensors")
+    assert main(["validate", *args, "--model.results_path", str(val_results), "--model.apply_edit", str(edit)]) == 0
+    fit, val = json.loads(fit_results.read_text()), json.loads(val_results.read_text())
+    for key in ("edit_success", "locality", "portability", "rephrase"):
+        assert val["summary"][key] == pytest.approx(fit["summary"][key], abs=1e-9), key
