@@ -82,6 +82,19 @@ def tiny_model(arch: str, vocab_size: int = 512, seed: int = 0) -> torch.nn.Modu
 
 
 @pytest.fixture(scope="session")
+def smollm_cache(tmp_path_factory) -> Path:
+    """SmolLM2-135M converted once per test session from the shared GGUF (no download)."""
+    from kdpo_lightning.models import prepare_model
+
+    gguf = SMOLLM_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        pytest.skip(f"{gguf} absent")
+    cache = tmp_path_factory.mktemp("kdpo_cache")
+    prepare_model(cache_dir=cache, gguf_path=gguf)
+    return cache
+
+
+@pytest.fixture(scope="session")
 def bpe_tokenizer() -> PreTrainedTokenizerFast:
     return make_bpe_tokenizer()
 

@@ -178,20 +178,10 @@ def test_crash_during_conversion_leaves_nothing(monkeypatch, tmp_path):
     assert not list((tmp_path / "cache").iterdir())
 
 
-@pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory) -> Path:
-    """Convert the shared GGUF once per test module into a temporary cache."""
-    if not GGUF.is_file():
-        pytest.skip(f"{GGUF} absent")
-    cache = tmp_path_factory.mktemp("kdpo_cache")
-    prepare_model(cache_dir=cache, gguf_path=GGUF)
-    return cache
-
-
 @pytest.mark.real_model
 @needs_gguf
-def test_demo_model_says_paris(demo_cache):
-    model, tok = load_model("smollm2-135m", cache_dir=str(demo_cache), device="cpu")
+def test_demo_model_says_paris(smollm_cache):
+    model, tok = load_model("smollm2-135m", cache_dir=str(smollm_cache), device="cpu")
     assert model.config.num_hidden_layers == 30 and model.dtype == torch.float32
     assert tok.pad_token is not None
     ids = tok("The capital of France is", return_tensors="pt")
@@ -201,15 +191,15 @@ def test_demo_model_says_paris(demo_cache):
 
 @pytest.mark.real_model
 @needs_gguf
-def test_demo_model_reuses_cache(demo_cache, monkeypatch, capsys):
+def test_demo_model_reuses_cache(smollm_cache, monkeypatch, capsys):
     def no_reconversion(*args, **kwargs):
         raise AssertionError("converted twice")
 
     monkeypatch.setattr(models, "_convert", no_reconversion)
     monkeypatch.setattr(models, "_pip_download", no_reconversion)
-    weights = demo_cache / models.DEMO_DIR / "model.safetensors"
+    weights = smollm_cache / models.DEMO_DIR / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
-    assert prepare_model_main(["--cache-dir", str(demo_cache)]) == 0
-    assert capsys.readouterr().out.strip() == str(demo_cache / models.DEMO_DIR)
+    assert prepare_model_main(["--cache-dir", str(smollm_cache)]) == 0
+    assert capsys.readouterr().out.strip() == str(smollm_cache / models.DEMO_DIR)
     assert weights.stat().st_mtime_ns == mtime
-    assert not list(demo_cache.glob(".tmp-*"))
+    assert not list(smollm_cache.glob(".tmp-*"))
