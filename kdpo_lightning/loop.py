@@ -109,44 +109,44 @@ def run_edit(
     if reference is not None:
         reference.begin_edit(policy, input_ids, n)
     record, losses = EditRecord(), []
-    rows = policy.rows(input_ids, n)[0]
+    rows = policy.rows(input_ids, n)
     for _ in range(config.n_cycles):
-        y_l = objective.teacher_forced_argmax(rows).detach()
+        y_l = objective.teacher_forced_argmax(rows[0]).detach()
         if config.early_stop and torch.equal(y_l, y_w):
             break
         record.cycles += 1
-        context_l = None
+        inputs = input_ids  # vanilla DPO: [c+y_w; c+y_l], one batch of two
         if config.method == "dpo":
             y_l = greedy_continuation(policy.model, input_ids[:, :target_start], n)[0]
-            context_l = torch.cat([input_ids[:, :target_start], y_l[None]], dim=1)
+            inputs = torch.cat([input_ids, torch.cat([input_ids[:, :target_start], y_l[None]], dim=1)])
+            rows = torch.cat([rows, policy.rows(inputs[1:], n)])
         for step in range(config.n_steps):
             if step > 0:
-                rows = policy.rows(input_ids, n)[0]
-            loss = _loss(config, policy, reference, rows, input_ids, context_l, y_w, y_l)
+                rows = policy.rows(inputs, n)
+            loss = _loss(config, reference, rows, inputs, y_w, y_l)
             optimizer.zero_grad(set_to_none=True)
             backward(loss)
             optimizer.step()
             losses.append(loss.detach())
             record.steps += 1
         _check_finite(losses, policy)
-        rows = policy.rows(input_ids, n)[0]
-    record.success = bool(torch.equal(objective.teacher_forced_argmax(rows), y_w))
+        rows = policy.rows(input_ids, n)
+    record.success = bool(torch.equal(objective.teacher_forced_argmax(rows[0]), y_w))
     record.losses = [float(x) for x in losses]
     record.seconds = time.perf_counter() - start_time
     return record
 
 
-def _loss(config: EditConfig, policy: Policy, reference, rows: Tensor, input_ids: Tensor,
-          context_l: Tensor | None, y_w: Tensor, y_l: Tensor) -> Tensor:
-    """The method's loss for this step; `rows` are the policy's rows on c+y_w (n, V)."""
-    n = y_w.numel()
+def _loss(config: EditConfig, reference, rows: Tensor, inputs: Tensor, y_w: Tensor, y_l: Tensor) -> Tensor:
+    """The method's loss for this step. `rows` (B, n, V) are the policy's rows on `inputs`:
+    c+y_w, and for vanilla DPO also c+y_l."""
     if config.method == "ftm":
-        return objective.ftm_loss(rows, y_w)
-    ref_rows = reference.rows(input_ids, n)[0]
+        return objective.ftm_loss(rows[0], y_w)
+    ref_rows = reference.rows(inputs, y_w.numel())
     if config.method == "kdpo":
-        return objective.kdpo_loss(rows, ref_rows, y_w, y_l, config.beta, config.mask_where_equal)
-    rows_l, ref_rows_l = policy.rows(context_l, n)[0], reference.rows(context_l, n)[0]
-    return objective.vanilla_dpo_loss(rows, rows_l, ref_rows, ref_rows_l, y_w, y_l, config.beta, config.mask_where_equal)
+        return objective.kdpo_loss(rows[0], ref_rows[0], y_w, y_l, config.beta, config.mask_where_equal)
+    return objective.vanilla_dpo_loss(rows[0], rows[1], ref_rows[0], ref_rows[1], y_w, y_l, config.beta,
+                                      config.mask_where_equal)
 
 
 def _check_finite(losses: list[Tensor], policy: Policy) -> None:

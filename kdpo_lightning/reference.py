@@ -17,46 +17,65 @@ from torch import Tensor
 from .policy import Policy, target_rows
 
 
-class CachedReference:
+class _Reference:
+    """Rows of the reference for any input, each computed once per edit (the reference never
+    changes during an edit, so a repeated input, e.g. c+y_l over a cycle's steps, is free)."""
+
+    def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int) -> None:
+        self._rows: dict[tuple, Tensor] = {}
+
+    def rows(self, input_ids: Tensor, n_target: int) -> Tensor:
+        key = (n_target, tuple(input_ids.shape), tuple(input_ids.flatten().tolist()))
+        if key not in self._rows:
+            with torch.no_grad():
+                self._rows[key] = self._forward(input_ids, n_target)
+        return self._rows[key]
+
+    def _forward(self, input_ids: Tensor, n_target: int) -> Tensor:
+        raise NotImplementedError
+
+
+class CachedReference(_Reference):
     """Reference rows from one forward at edit start; valid only for the edit's own input."""
 
     def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int) -> None:
-        with torch.no_grad():
-            self._rows = policy.rows(input_ids, n_target)
-        self._ids = input_ids
+        super().begin_edit(policy, input_ids, n_target)
+        self._policy = policy
+        self.rows(input_ids, n_target)
+        self._policy = None
 
-    def rows(self, input_ids: Tensor, n_target: int) -> Tensor:
-        if input_ids.shape != self._ids.shape or not torch.equal(input_ids, self._ids):
+    def _forward(self, input_ids: Tensor, n_target: int) -> Tensor:
+        if self._policy is None:
             raise ValueError("the cached reference only scores the edit's own c+y_w; use reference 'swap' or 'copy'")
-        return self._rows
+        return self._policy.rows(input_ids, n_target)
 
 
-class SwapReference:
+class SwapReference(_Reference):
     """Reference forwards with the original trained tensors swapped in, then swapped back."""
 
     def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int) -> None:
+        super().begin_edit(policy, input_ids, n_target)
         self._policy, self._original = policy, policy.original_values()
 
-    def rows(self, input_ids: Tensor, n_target: int) -> Tensor:
+    def _forward(self, input_ids: Tensor, n_target: int) -> Tensor:
         current = self._policy.original_values()
         self._policy.load_values(self._original)
         try:
-            with torch.no_grad():
-                return self._policy.rows(input_ids, n_target)
+            return self._policy.rows(input_ids, n_target)
         finally:
             self._policy.load_values(current)
 
 
-class CopyReference:
+class CopyReference(_Reference):
     """A frozen deepcopy of the whole model taken at edit start (the paper's `pi_ref = pi.copy()`)."""
 
     def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int) -> None:
+        super().begin_edit(policy, input_ids, n_target)
         self._model = None  # free the previous edit's copy before making the next one
         self._model = copy.deepcopy(policy.model).requires_grad_(False)
 
-    def rows(self, input_ids: Tensor, n_target: int) -> Tensor:
-        with torch.no_grad():
-            return target_rows(self._model, n_target, input_ids=input_ids)
+    def _forward(self, input_ids: Tensor, n_target: int) -> Tensor:
+        return target_rows(self._model, n_target, input_ids=input_ids)
 
 
 REFERENCES = {"cached": CachedReference, "swap": SwapReference, "copy": CopyReference}
