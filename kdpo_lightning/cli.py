@@ -51,6 +51,14 @@ class EditCLI(LightningCLI):
         self.model.load()
         self.datamodule.set_tokenizer(self.model.tokenizer)
 
+    def _parse_ckpt_path(self) -> None:
+        """Check an explicit --ckpt_path before anything runs. Unlike Lightning's default, the
+        checkpoint's saved hyperparameters do not override this run's config and flags."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and path != "last":
+            check_checkpoint(path)
+
     def before_fit(self) -> None:
         self._prepare()
         self.trainer.limit_val_batches = 0  # `fit` evaluates in the module's hooks, not in a val loop
@@ -60,9 +68,8 @@ class EditCLI(LightningCLI):
             path = last_checkpoint(callback.resolve_dir(self.trainer))
             if not path.exists():
                 raise FileNotFoundError(f"--ckpt_path last: no checkpoint at {path}; start without --ckpt_path")
+            check_checkpoint(path)
             kwargs["ckpt_path"] = str(path)
-        if kwargs.get("ckpt_path"):
-            check_checkpoint(kwargs["ckpt_path"])
 
     before_validate = before_test = _prepare
 

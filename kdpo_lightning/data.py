@@ -386,6 +386,8 @@ class SequentialEditDataModule(L.LightningDataModule):
         _check("format", format, ("auto", *FORMATS))
         _check("sample", sample, ("first", "random"))
         _check("on_bad_record", on_bad_record, ("error", "skip"))
+        if n_edits is not None and n_edits < 1:
+            raise ValueError(f"n_edits must be at least 1 (or null for all), got {n_edits}")
         self.save_hyperparameters()
         self.tokenizer = None
         self.requests: list[EditRequest] = []
