@@ -95,6 +95,15 @@ def smollm_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """tiny_model("llama") and the BPE tokenizer saved with save_pretrained: a local model directory."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    make_bpe_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def bpe_tokenizer() -> PreTrainedTokenizerFast:
     return make_bpe_tokenizer()
 

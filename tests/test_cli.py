@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATA, make_bpe_tokenizer, tiny_model
+from conftest import DATA
 from safetensors.torch import load_file
 
 from kdpo_lightning.cli import main
@@ -16,12 +16,9 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 METHOD_OVERRIDES = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    make_bpe_tokenizer().save_pretrained(path)
-    return path
+@pytest.fixture
+def tiny_dir(tiny_llama_dir) -> Path:
+    return tiny_llama_dir
 
 
 def _tiny_args(tiny_dir: Path, run_dir: Path, n_edits: int = 5) -> list[str]:

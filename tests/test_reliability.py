@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, _corpus, _wrap, make_bpe_tokenizer, tiny_model
+from conftest import DATA, _corpus, _wrap, tiny_model
 from safetensors.torch import load_file
 
 from kdpo_lightning.cli import main
@@ -139,12 +139,8 @@ def _edit_log(path: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """tiny_model("llama") and the BPE tokenizer, saved with save_pretrained."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    make_bpe_tokenizer().save_pretrained(path)
-    return path
+def model_dir(tiny_llama_dir) -> Path:
+    return tiny_llama_dir
 
 
 @pytest.fixture(scope="module")
