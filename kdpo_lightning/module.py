@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 import torch
 from torch import Tensor, nn
 
@@ -154,12 +155,13 @@ class KDPOEditor(L.LightningModule):
         record = self._edit(batch["input_ids"][None], int(batch["target_start"]), optimizer, self.manual_backward)
         index = int(batch["index"])
         self.records[index] = record.as_dict()
-        self.trainer.datamodule.mark_done(index)
+        if hasattr(self.trainer.datamodule, "mark_done"):  # resumable data modules track the position
+            self.trainer.datamodule.mark_done(index)
         if self.hparams.eval_mode == "after_each":
             self.rows[index] = self.evaluator.evaluate(self.lm, [index])[0]
         successes = sum(r["success"] for r in self.records.values())
         self.log_dict({"edit/cycles": float(record.cycles), "edit/steps": float(record.steps),
-                       "edit/loss": record.last_loss if record.last_loss is not None else 0.0,
+                       "edit/loss": record.last_loss if record.last_loss is not None else float("nan"),
                        "edit/success": float(record.success)}, on_step=True, batch_size=1)
         self.log("success_rate", successes / len(self.records), prog_bar=True, on_step=True, batch_size=1)
 
@@ -170,10 +172,10 @@ class KDPOEditor(L.LightningModule):
         self._start_evaluation()
 
     def on_validation_start(self) -> None:
-        self._evaluate_saved_edit()
+        if not self._fitting():
+            self._evaluate_saved_edit()
 
-    def on_test_start(self) -> None:
-        self._evaluate_saved_edit()
+    on_test_start = on_validation_start
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Nothing per batch: `validate`/`test` score the whole stream at the end."""
@@ -191,11 +193,16 @@ class KDPOEditor(L.LightningModule):
             print(f"Edited tensors saved to {path}")
 
     def on_validation_end(self) -> None:
+        if self._fitting():  # a val loop inside `fit` has nothing to do: fit evaluates at its end
+            return
         indices = list(range(len(self.trainer.datamodule.requests)))
         self.rows = {row["index"]: row for row in self.evaluator.evaluate(self.lm, indices)}
         self._finish(indices)
 
     on_test_end = on_validation_end
+
+    def _fitting(self) -> bool:
+        return self.trainer.state.fn == TrainerFn.FITTING
 
     def _start_evaluation(self) -> None:
         hp = self.hparams

@@ -5,6 +5,7 @@ import torch
 from conftest import DATA, make_bpe_tokenizer, tiny_model
 
 from kdpo_lightning.data import SequentialEditDataModule
+from kdpo_lightning.evaluate import EditEvaluator
 from kdpo_lightning.module import KDPOEditor
 
 HPARAMS = dict(lr=1e-3, n_cycles=4, n_steps=4, fluency=False)
@@ -52,3 +53,21 @@ def test_each_edit_starts_from_the_previous_one():
     editor.edit(requests[1])
     assert not torch.equal(after_first, original)
     assert not torch.equal(editor.policy.params[name], after_first)
+
+
+def test_after_each_scores_each_request_right_after_its_edit(tmp_path):
+    tokenizer = make_bpe_tokenizer()
+    dm = _datamodule(tokenizer, n=2)
+    editor = KDPOEditor.from_model(tiny_model("llama"), tokenizer, **HPARAMS, eval_mode="after_each",
+                                   results_path=str(tmp_path / "results.json"))
+    L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(editor, datamodule=dm)
+
+    plain = KDPOEditor.from_model(tiny_model("llama"), tokenizer, **HPARAMS)
+    evaluator = EditEvaluator(tokenizer, dm.requests, fluency=False)
+    evaluator.snapshot_pre(plain.lm)
+    plain.edit(dm.requests[0])
+    (first,) = evaluator.evaluate(plain.lm, [0])
+    assert editor.rows[0]["edit_success"] == pytest.approx(first["edit_success"], abs=1e-9)
+    assert editor.rows[0]["locality_mean"] == pytest.approx(first["locality_mean"], abs=1e-9)
+    assert sorted(editor.rows) == [0, 1]
