@@ -2,7 +2,7 @@
 
 Each run is `kdpo-lightning fit --config configs/demo.yaml` with overrides: sequential edits,
 evaluated after all of them, same-subject filter, 10 cycles x 8 Adam steps, lr 1e-4, beta 0.1,
-layer 20 of 30 trained. Results land in bench/results/quality_<dataset>_<method>.json; the
+layer 20 of 30 trained, fluency from EasyEdit's top-5 sampling (seeded). Results land in bench/results/quality_<dataset>_<method>.json; the
 table is printed as markdown (pasted into bench/README.md).
 
     python bench/quality.py                      # every dataset and method (hours on 2 CPU cores)
