@@ -7,6 +7,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from .saving import atomic_write
+
 
 def last_checkpoint(dirpath: str | os.PathLike) -> Path:
     return Path(dirpath) / "last.ckpt"
@@ -47,9 +49,6 @@ class EditCheckpoint(L.Callback):
 
     def save(self, trainer: L.Trainer) -> Path:
         path = last_checkpoint(self.resolve_dir(trainer))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            trainer.save_checkpoint(tmp)
         return path

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from kdpo_lightning.data import EditRequest, encode
+from kdpo_lightning.saving import atomic_write
 from kdpo_lightning.metrics import (
     EditSuccess, Fluency, Generalization, Locality, Portability, ngram_entropy, probe_accuracy,
     token_accuracy,
@@ -320,16 +320,6 @@ def write_results(path: str | os.PathLike, *, config: dict, model: str, dataset:
     results = {"config": config, "model": model, "dataset": dataset, "method": method,
                "n_edits": len(edit_records), "summary": summary,
                "requests": [{**record, **row} for row, record in zip(rows, edit_records)]}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2, default=str))
+    return Path(path)

@@ -1,9 +1,11 @@
-"""An edit as a small file: the trained tensors (safetensors) plus metadata, and applying it."""
+"""Files a run leaves: the edit (trained tensors + metadata) and how to apply it; atomic writes."""
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -11,15 +13,26 @@ from safetensors.torch import save_file
 from torch import nn
 
 
-def save_edit(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
-    """Write the edited tensors and JSON metadata (base model, method, edits, config) atomically."""
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`, then rename it over `path`: a crash mid-write leaves the
+    previous file whole and no temp file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={"kdpo_lightning": json.dumps(metadata, default=str)})
-    os.replace(tmp, path)
-    return path
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_edit(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
+    """Write the edited tensors and JSON metadata (base model, method, edits, config) atomically."""
+    with atomic_write(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"kdpo_lightning": json.dumps(metadata, default=str)})
+    return Path(path)
 
 
 def read_edit(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
