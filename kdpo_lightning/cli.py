@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-
 import warnings
 
 from lightning.pytorch.callbacks import TQDMProgressBar
@@ -18,7 +17,6 @@ from lightning.pytorch.cli import LightningCLI
 from .checkpoint import EditCheckpoint, check_checkpoint, last_checkpoint
 from .data import SequentialEditDataModule
 from .module import KDPOEditor
-
 
 
 class EditProgressBar(TQDMProgressBar):
@@ -53,7 +51,8 @@ class EditCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Check an explicit --ckpt_path before anything runs. Unlike Lightning's default, the
-        checkpoint's saved hyperparameters do not override this run's config and flags."""
+        checkpoint's saved hyperparameters do not override this run's config and flags.
+        (Overrides a private LightningCLI hook: pyproject pins lightning below 2.8.)"""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if path and path != "last":
