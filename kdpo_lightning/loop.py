@@ -106,10 +106,10 @@ def run_edit(
     y_w = input_ids[0, target_start:]
     n = y_w.numel()
     policy.begin_edit()
+    rows = policy.rows(input_ids, n)  # at edit start these are also the reference's rows
     if reference is not None:
-        reference.begin_edit(policy, input_ids, n)
+        reference.begin_edit(policy, input_ids, n, rows)
     record, losses = EditRecord(), []
-    rows = policy.rows(input_ids, n)
     for _ in range(config.n_cycles):
         y_l = objective.teacher_forced_argmax(rows[0]).detach()
         if config.early_stop and torch.equal(y_l, y_w):

@@ -1,6 +1,7 @@
 """Where the reference policy's log-probs come from: the model as it was when the edit started.
 
-Three strategies behind one interface (`begin_edit`, then `rows`):
+Three strategies behind one interface (`begin_edit`, then `rows`); `begin_edit` gets the policy's
+rows on c+y_w at edit start, which are the reference's rows for that input:
 - `cached` (default): KDPO scores y_w and y_l in the one context c+y_w, so one no-grad forward at
   the start of the edit gives every reference row the edit will ever need. No extra weights.
 - `swap`: keep only the original values of the trained tensors and swap them in for a reference
@@ -21,11 +22,15 @@ class _Reference:
     """Rows of the reference for any input, each computed once per edit (the reference never
     changes during an edit, so a repeated input, e.g. c+y_l over a cycle's steps, is free)."""
 
-    def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int) -> None:
+    def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int, rows: Tensor) -> None:
         self._rows: dict[tuple, Tensor] = {}
 
+    @staticmethod
+    def _key(input_ids: Tensor, n_target: int) -> tuple:
+        return n_target, tuple(input_ids.shape), tuple(input_ids.flatten().tolist())
+
     def rows(self, input_ids: Tensor, n_target: int) -> Tensor:
-        key = (n_target, tuple(input_ids.shape), tuple(input_ids.flatten().tolist()))
+        key = self._key(input_ids, n_target)
         if key not in self._rows:
             with torch.no_grad():
                 self._rows[key] = self._forward(input_ids, n_target)
@@ -36,25 +41,21 @@ class _Reference:
 
 
 class CachedReference(_Reference):
-    """Reference rows from one forward at edit start; valid only for the edit's own input."""
+    """The policy's rows at edit start, kept: no forward of its own; only the edit's own input."""
 
-    def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int) -> None:
-        super().begin_edit(policy, input_ids, n_target)
-        self._policy = policy
-        self.rows(input_ids, n_target)
-        self._policy = None
+    def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int, rows: Tensor) -> None:
+        super().begin_edit(policy, input_ids, n_target, rows)
+        self._rows[self._key(input_ids, n_target)] = rows.detach()
 
     def _forward(self, input_ids: Tensor, n_target: int) -> Tensor:
-        if self._policy is None:
-            raise ValueError("the cached reference only scores the edit's own c+y_w; use reference 'swap' or 'copy'")
-        return self._policy.rows(input_ids, n_target)
+        raise ValueError("the cached reference only scores the edit's own c+y_w; use reference 'swap' or 'copy'")
 
 
 class SwapReference(_Reference):
     """Reference forwards with the original trained tensors swapped in, then swapped back."""
 
-    def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int) -> None:
-        super().begin_edit(policy, input_ids, n_target)
+    def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int, rows: Tensor) -> None:
+        super().begin_edit(policy, input_ids, n_target, rows)
         self._policy, self._original = policy, policy.original_values()
 
     def _forward(self, input_ids: Tensor, n_target: int) -> Tensor:
@@ -69,8 +70,8 @@ class SwapReference(_Reference):
 class CopyReference(_Reference):
     """A frozen deepcopy of the whole model taken at edit start (the paper's `pi_ref = pi.copy()`)."""
 
-    def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int) -> None:
-        super().begin_edit(policy, input_ids, n_target)
+    def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int, rows: Tensor) -> None:
+        super().begin_edit(policy, input_ids, n_target, rows)
         self._model = None  # free the previous edit's copy before making the next one
         self._model = copy.deepcopy(policy.model).requires_grad_(False)
 
