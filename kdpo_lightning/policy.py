@@ -69,6 +69,11 @@ def _layer_index(name: str, layer_list: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def input_key(input_ids: Tensor) -> tuple:
+    """A hashable key of a batch of token ids (shape and values), for per-input caches."""
+    return tuple(input_ids.shape) + tuple(input_ids.flatten().tolist())
+
+
 def target_rows(model: nn.Module, n_target: int, **inputs: Tensor) -> Tensor:
     """Log-softmax rows predicting the last `n_target` tokens: (B, n_target, V), fp32.
 
@@ -141,7 +146,7 @@ class Policy:
 
     def _prefix(self, input_ids: Tensor) -> Tensor:
         """Hidden states entering layer `start`, computed once per distinct input within an edit."""
-        key = tuple(input_ids.flatten().tolist()) + tuple(input_ids.shape)
+        key = input_key(input_ids)
         if key not in self._cache:
             holder, layer_list = self._stack()
             captured = {}

@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import Tensor
 
-from .policy import Policy, target_rows
+from .policy import Policy, input_key, target_rows
 
 
 class _Reference:
@@ -27,7 +27,7 @@ class _Reference:
 
     @staticmethod
     def _key(input_ids: Tensor, n_target: int) -> tuple:
-        return n_target, tuple(input_ids.shape), tuple(input_ids.flatten().tolist())
+        return (n_target, *input_key(input_ids))
 
     def rows(self, input_ids: Tensor, n_target: int) -> Tensor:
         key = self._key(input_ids, n_target)
