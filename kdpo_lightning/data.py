@@ -24,6 +24,8 @@ import lightning as L
 from datasets import Dataset
 from torch.utils.data import DataLoader, IterableDataset
 
+from .sources import find_data
+
 Answers = tuple[str, ...]
 """All aliases of an answer; scoring uses the first, as EasyEdit does."""
 Probe = tuple[str, Answers]
@@ -256,7 +258,7 @@ def _read_json(path: Path) -> list:
     if path.suffix == ".jsonl":
         raise DataError(f"{path}: JSON Lines is not an edit format; edit benchmarks are JSON lists of records")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is allowed
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
@@ -284,7 +286,7 @@ def _load(path: str | Path, format: str, on_bad_record: str) -> tuple[list[EditR
     """load_requests, plus what happened: the format used, the record count, the records skipped."""
     _check("format", format, ("auto", *FORMATS))
     _check("on_bad_record", on_bad_record, ("error", "skip"))
-    path = Path(path)
+    path = find_data(path)
     records = _read_json(path)
     if not records:
         raise DataError(f"{path}: no records")
@@ -306,7 +308,8 @@ def _load(path: str | Path, format: str, on_bad_record: str) -> tuple[list[EditR
 
 
 def load_requests(path: str | Path, format: str = "auto", on_bad_record: str = "error") -> list[EditRequest]:
-    """Read an edit benchmark file (see FORMATS) into EditRequests; bad records raise, or warn with "skip"."""
+    """Read an edit benchmark file (see FORMATS), or a data set by name (`sources.find_data`), into
+    EditRequests; bad records raise, or warn with "skip"."""
     return _load(path, format, on_bad_record)[0]
 
 

@@ -1,0 +1,50 @@
+"""Where edit data comes from: a file, or a named data set found on a search path.
+
+`data.path` is either a JSON file or a name: `demo/zsre` (bundled with the package) or a KnowEdit
+or KDPO-paper set such as `knowedit/zsre`, looked up in order in each folder of
+$KDPO_LIGHTNING_DATA, `../shared/data` beside the checkout, and ~/.cache/kdpo_lightning/data.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEMO = Path(__file__).resolve().parent / "demo"
+NAMES = {  # name -> path under a data folder (KnowEdit's own layout)
+    "knowedit/zsre": "ZsRE/ZsRE-test-all.json",
+    "knowedit/wiki_recent": "wiki_recent/recent_train.json",
+    "knowedit/wiki_counterfact": "wiki_counterfact/train_cf.json",
+    "knowedit/wikibio": "WikiBio/wikibio-test-all.json",
+    "kdpo/zsre": "KDPO_seq/benchmark_ZsRE_ZsRE-test-all_seq.json",
+    "kdpo/wikibio": "KDPO_seq/benchmark_WikiBio_wikibio-test-all_seq.json",
+}
+BUNDLED = {"demo/zsre": DEMO / "zsre.json"}
+WHERE_TO_GET = (
+    "Get the KnowEdit data set from the Hugging Face hub (zjunlp/KnowEdit, folder benchmark/) or EasyEdit's "
+    "data release (github.com/zjunlp/EasyEdit, 'Datasets'), and put it, keeping its folders, in one of those "
+    "places or in a folder named by $KDPO_LIGHTNING_DATA; or set data.path to the file itself."
+)
+
+
+def data_dirs() -> list[Path]:
+    """The search path for named data sets, in order."""
+    env = [Path(p).expanduser() for p in os.environ.get("KDPO_LIGHTNING_DATA", "").split(os.pathsep) if p]
+    cache = Path(os.environ.get("KDPO_LIGHTNING_CACHE", "~/.cache/kdpo_lightning")).expanduser()
+    return [*env, Path(__file__).resolve().parents[2] / "shared" / "data", cache / "data"]
+
+
+def find_data(path: str | os.PathLike) -> Path:
+    """The file behind `path`: a bundled file, else the first match of a name on the search path,
+    else `path` itself (a file name)."""
+    name = str(path)
+    if name in BUNDLED:
+        return BUNDLED[name]
+    relative = NAMES.get(name)
+    if relative is None:
+        return Path(path)
+    tried = [folder / relative for folder in data_dirs()]
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate
+    looked = "\n".join(f"  - {c}" for c in tried)
+    raise FileNotFoundError(f"data set {name!r} ({relative}) not found. Looked in:\n{looked}\n{WHERE_TO_GET}")
