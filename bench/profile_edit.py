@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import edit_speed as es
 import kdpo_lightning.policy as policy_module
 from kdpo_lightning.loop import EditConfig, run_edit
-from kdpo_lightning.policy import Policy
+from kdpo_lightning.policy import PerInput, Policy
 from kdpo_lightning.reference import make_reference
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,10 +43,15 @@ def trimmed_target_rows(model, n_target: int, **inputs: torch.Tensor) -> torch.T
 
 
 class TrimmedPolicy(Policy):
-    """Policy that never runs the last token of c+y_w."""
+    """Policy that never runs the last token of c+y_w. The caches are keyed on the input tensor
+    object, so each input's trimmed view is made once per edit."""
+
+    def begin_edit(self) -> None:
+        super().begin_edit()
+        self._trimmed = PerInput()
 
     def rows(self, input_ids: torch.Tensor, n_target: int) -> torch.Tensor:
-        return super().rows(input_ids[:, :-1], n_target)
+        return super().rows(self._trimmed.get(input_ids, lambda: input_ids[:, :-1]), n_target)
 
 
 def edit_all(model, layer: int, edits: list[dict], cfg: EditConfig, trim: bool, fused: bool) -> tuple[float, list]:

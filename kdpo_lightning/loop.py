@@ -127,6 +127,7 @@ def run_edit(
             optimizer.zero_grad(set_to_none=True)
             backward(loss)
             optimizer.step()
+            policy.write_back()
             losses.append(loss.detach())
             record.steps += 1
         _check_finite(losses, policy)

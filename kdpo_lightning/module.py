@@ -189,7 +189,7 @@ class KDPOEditor(L.LightningModule):
         self._finish(indices)
         if self.trainer.is_global_zero:
             path = Path(self._results_path()).with_name("edit.safetensors")
-            save_edit(path, self.policy.params, self._metadata(len(indices)))
+            save_edit(path, self.policy.model_params, self._metadata(len(indices)))
             print(f"Edited tensors saved to {path}")
 
     def on_validation_end(self) -> None:
@@ -271,6 +271,8 @@ class KDPOEditor(L.LightningModule):
                               "rng": torch.get_rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.policy.load_values({k.removeprefix("lm."): v for k, v in checkpoint.pop("state_dict").items()})
+        checkpoint["state_dict"] = {}  # loaded above, into the fp32 masters as well as the model
         state = checkpoint["kdpo"]
         self.records = {int(k): v for k, v in state["records"].items()}
         self.rows = {int(k): v for k, v in state["rows"].items()}

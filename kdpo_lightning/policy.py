@@ -1,30 +1,33 @@
 """The model under edit: which tensors train, and forwards that return only target-position rows.
 
+Architecture discovery: the decoder layers are the ModuleList of `num_hidden_layers` blocks; in a
+layer, the MLP's output projection is the weight outside attention that maps a wider size back to
+the hidden size (down_proj, c_proj, fc_out, dense_4h_to_h, fc2, ...). No per-family table.
+
+Precision: in a bf16/fp16 model an Adam step of lr 1e-4 is below the resolution of most entries
+of the trained tensor and rounds away. So the optimizer trains an fp32 master copy; gradients are
+routed into it, and after each step it is rounded into the model's own tensor for the forward.
+
 Prefix caching: only one layer's tensors train, so the layers below it give the same output for
-the whole edit. Their output on c+y_w is computed once; each step re-runs only the edited layer
-and those above it. Exact, because the same modules run on the same inputs.
+the whole edit. That output is captured once per input; later forwards replay it in place of the
+lower layers, while everything outside the layers (embeddings, position and mask computation,
+the upper layers, the head) runs as usual. Exact, because the same modules see the same inputs.
 """
 from __future__ import annotations
 
 import difflib
 import re
-import warnings
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
-# Per family: (attribute path of the module holding the decoder layers, name of the layer list,
-# default trained tensor with {layer} for the layer index; the paper's choice for LLaMA, EasyEdit's
-# FT-M choice for GPT-2).
-_FAMILIES = {
-    "llama": ("model", "layers", "model.layers.{layer}.mlp.down_proj.weight"),
-    "qwen2": ("model", "layers", "model.layers.{layer}.mlp.down_proj.weight"),
-    "mistral": ("model", "layers", "model.layers.{layer}.mlp.down_proj.weight"),
-    "gpt2": ("transformer", "h", "transformer.h.{layer}.mlp.c_proj.weight"),
-}
-_PREFIX_CACHE_FAMILIES = ("llama", "qwen2", "gpt2")
+OUTPUT_PROJECTION_NAMES = ("down_proj", "w2", "fc2", "c_proj", "fc_out", "dense_4h_to_h", "wo", "out_proj")
+"""Names of fused expert tensors (num_experts, ...) taken as output projections; their layout
+varies by family, so for them the name decides, not the shape."""
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 
 
 def default_layer(n_layers: int) -> int:
@@ -32,19 +35,49 @@ def default_layer(n_layers: int) -> int:
     return (2 * n_layers) // 3
 
 
-def default_trainable(model: nn.Module, layer: int | None = None) -> str:
-    """The paper's trained tensor for this architecture: one MLP down-projection."""
-    family = model.config.model_type
-    if family not in _FAMILIES:
-        raise ValueError(
-            f"no default trained tensor for model type {family!r}; set `trainable` to a parameter name "
-            f"pattern (known defaults: {sorted(_FAMILIES)})"
-        )
-    n_layers = model.config.num_hidden_layers
-    layer = default_layer(n_layers) if layer is None else layer
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer} is out of range for a model with {n_layers} layers")
-    return re.escape(_FAMILIES[family][2].format(layer=layer))
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder's layer list: the first ModuleList of `num_hidden_layers` blocks, with its name."""
+    n_layers = model.config.get_text_config().num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return name, module
+    raise ValueError(f"no list of {n_layers} decoder layers in {type(model).__name__}; set `trainable` to a "
+                     "parameter name pattern (the prefix cache is then off)")
+
+
+def output_projections(layer: nn.Module, hidden_size: int) -> list[str]:
+    """Parameter names, relative to `layer`, of its MLP output projection(s): the Linear/Conv1D
+    weights outside attention that map another size to `hidden_size`, and fused expert tensors
+    named like one. In an MoE layer that is every expert's projection and any shared expert's."""
+    found = []
+    for path, module in layer.named_modules():
+        if _ATTENTION.search(path):
+            continue
+        prefix = f"{path}." if path else ""
+        if isinstance(module, nn.Linear):
+            if module.out_features == hidden_size != module.in_features:
+                found.append(f"{prefix}weight")
+        elif isinstance(module, Conv1D):  # GPT-2 style: weight is (in, out)
+            if module.nf == hidden_size != module.weight.shape[0]:
+                found.append(f"{prefix}weight")
+        else:
+            found += [f"{prefix}{name}" for name, p in module.named_parameters(recurse=False)
+                      if p.ndim == 3 and name in OUTPUT_PROJECTION_NAMES]
+    return found
+
+
+def default_trainable(model: nn.Module, layer: int | None = None) -> list[str]:
+    """The paper's trained tensor for any decoder-only model: the MLP output projection of `layer`
+    (default: 2/3 of the depth), as exact-name patterns."""
+    list_name, layers = find_layers(model)
+    layer = default_layer(len(layers)) if layer is None else layer
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer {layer} is out of range for a model with {len(layers)} layers")
+    names = output_projections(layers[layer], model.config.get_text_config().hidden_size)
+    if not names:
+        raise ValueError(f"found no MLP output projection in {list_name}.{layer} of {type(model).__name__}; set "
+                         f"`trainable` to parameter name patterns (e.g. '{list_name}\\.{layer}\\.mlp\\..*down.*')")
+    return [re.escape(f"{list_name}.{layer}.{name}") for name in names]
 
 
 def select_trainable(model: nn.Module, patterns: str | list[str]) -> dict[str, nn.Parameter]:
@@ -64,16 +97,6 @@ def select_trainable(model: nn.Module, patterns: str | list[str]) -> dict[str, n
     return {name: params[name] for name in chosen}
 
 
-def _layer_index(name: str, layer_list: str) -> int | None:
-    match = re.search(rf"\.{layer_list}\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
-
-
-def input_key(input_ids: Tensor) -> tuple:
-    """A hashable key of a batch of token ids (shape and values), for per-input caches."""
-    return tuple(input_ids.shape) + tuple(input_ids.flatten().tolist())
-
-
 def target_rows(model: nn.Module, n_target: int, **inputs: Tensor) -> Tensor:
     """Log-softmax rows predicting the last `n_target` tokens: (B, n_target, V), fp32.
 
@@ -82,48 +105,92 @@ def target_rows(model: nn.Module, n_target: int, **inputs: Tensor) -> Tensor:
     return logits[:, :-1].float().log_softmax(-1)
 
 
-class _Zeros(nn.Module):
-    """Stands in for GPT-2's position embedding when the cached input already contains it."""
+class PerInput:
+    """Values computed once per input tensor within an edit. Keyed on the tensor object, not its
+    values, so a lookup never waits for the device; callers pass the same tensor for the same
+    input and never change it in place. Holding the tensor keeps its id from being reused."""
 
-    def __init__(self, like: nn.Embedding) -> None:
-        super().__init__()
-        self.dim, self.dtype = like.embedding_dim, like.weight.dtype
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Tensor, Any]] = {}
 
-    def forward(self, position_ids: Tensor) -> Tensor:
-        return torch.zeros(*position_ids.shape, self.dim, dtype=self.dtype, device=position_ids.device)
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def get(self, tensor: Tensor, compute: Callable[[], Any]) -> Any:
+        if id(tensor) not in self._entries:
+            self._entries[id(tensor)] = (tensor, compute())
+        return self._entries[id(tensor)][1]
+
+    def put(self, tensor: Tensor, value: Any) -> None:
+        self._entries[id(tensor)] = (tensor, value)
 
 
 class _StopForward(Exception):
     pass
 
 
+def _route_grad(master: Tensor) -> Callable[[Tensor], None]:
+    """A post-accumulate-grad hook moving a low-precision parameter's gradient into its fp32 master."""
+
+    def hook(param: Tensor) -> None:
+        grad = param.grad.float()
+        master.grad = grad if master.grad is None else master.grad + grad
+        param.grad = None
+
+    return hook
+
+
 class Policy:
-    """The model being edited, its trained tensors, and target-row forwards with a prefix cache."""
+    """The model being edited, its trained tensors (fp32), and target-row forwards with a prefix cache."""
 
     def __init__(self, model: nn.Module, trainable: str | list[str] | None = None, layer: int | None = None,
                  prefix_cache: bool = True) -> None:
         self.model = model
-        self.params = select_trainable(model, trainable or default_trainable(model, layer))
-        self.start = self._prefix_start() if prefix_cache else None
-        self._cache: dict[tuple[int, ...], Tensor] = {}
+        self.model_params = select_trainable(model, trainable or default_trainable(model, layer))
+        self.params: dict[str, Tensor] = {}
+        """What the optimizer trains: the model's own tensor if fp32, else an fp32 master copy."""
+        for name, param in self.model_params.items():
+            if param.dtype == torch.float32:
+                self.params[name] = param
+            else:
+                self.params[name] = param.detach().float().requires_grad_()
+                param.register_post_accumulate_grad_hook(_route_grad(self.params[name]))
+        self.start, self._lower = self._fixed_layers() if prefix_cache else (None, [])
+        """The prefix cache replays the layers `_lower` (0..start-1); start None: it is off."""
+        self._prefixes = PerInput()
 
-    def _prefix_start(self) -> int | None:
-        family = self.model.config.model_type
-        if family not in _PREFIX_CACHE_FAMILIES:
-            warnings.warn(f"prefix caching does not support model type {family!r}; using full forwards")
-            return None
-        layer_list = _FAMILIES[family][1]
-        layers = [_layer_index(name, layer_list) for name in self.params]
-        if None in layers:  # a trained tensor outside the decoder layers: nothing below it is fixed
-            return None
-        return min(layers) or None
+    def _fixed_layers(self) -> tuple[int | None, list[nn.Module]]:
+        """The lowest decoder layer holding a trained tensor and the layers below it, which stay
+        fixed during an edit; (None, []) if there are none."""
+        try:
+            list_name, layers = find_layers(self.model)
+        except ValueError:
+            return None, []
+        pattern = re.compile(rf"{re.escape(list_name)}\.(\d+)\.")
+        found = [pattern.match(name) for name in self.params]
+        if not all(found):  # a trained tensor outside the decoder layers: nothing below it is fixed
+            return None, []
+        start = min(int(m.group(1)) for m in found)
+        return (start, list(layers)[:start]) if start else (None, [])
 
     def begin_edit(self) -> None:
-        """Forget cached prefixes (they are only valid while the layers below stay as they are)."""
-        self._cache.clear()
+        """Forget cached prefixes (valid only while the layers below stay as they are), and keep
+        the fp32 masters on their model tensor's device (Lightning may have moved the model)."""
+        self._prefixes.clear()
+        for name, value in self.params.items():
+            param = self.model_params[name]
+            if value is not param and value.device != param.device:
+                value.data = value.data.to(param.device)
+
+    def write_back(self) -> None:
+        """Round the fp32 masters into the model's tensors; call after every optimizer step."""
+        with torch.no_grad():
+            for name, value in self.params.items():
+                if value is not self.model_params[name]:
+                    self.model_params[name].copy_(value)
 
     def original_values(self) -> dict[str, Tensor]:
-        """A copy of the trained tensors, to restore or swap in later."""
+        """A copy of the trained tensors (fp32), to restore or swap in later."""
         return {name: p.detach().clone() for name, p in self.params.items()}
 
     def load_values(self, values: dict[str, Tensor]) -> None:
@@ -131,55 +198,46 @@ class Policy:
         with torch.no_grad():
             for name, value in values.items():
                 self.params[name].copy_(value)
+        self.write_back()
 
     def rows(self, input_ids: Tensor, n_target: int) -> Tensor:
         """Log-softmax rows predicting the last `n_target` tokens: input (B, T) -> (B, n_target, V)."""
         if self.start is None:
             return target_rows(self.model, n_target, input_ids=input_ids)
-        hidden = self._prefix(input_ids)
-        with self._upper_stack():
-            return target_rows(self.model, n_target, inputs_embeds=hidden)
+        with self._replay(self._prefixes.get(input_ids, lambda: self._capture(input_ids))):
+            return target_rows(self.model, n_target, input_ids=input_ids)
 
-    def _stack(self) -> tuple[nn.Module, str]:
-        holder, layer_list, _ = _FAMILIES[self.model.config.model_type]
-        return getattr(self.model, holder), layer_list
+    def _capture(self, input_ids: Tensor) -> Any:
+        """The output of layer `start - 1` on this input: one no-grad forward, stopped there."""
+        captured = []
 
-    def _prefix(self, input_ids: Tensor) -> Tensor:
-        """Hidden states entering layer `start`, computed once per distinct input within an edit."""
-        key = input_key(input_ids)
-        if key not in self._cache:
-            holder, layer_list = self._stack()
-            captured = {}
+        def capture(module, args, output):
+            captured.append(output)
+            raise _StopForward
 
-            def capture(module, args, kwargs):
-                captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-                raise _StopForward
-
-            handle = getattr(holder, layer_list)[self.start].register_forward_pre_hook(capture, with_kwargs=True)
-            try:
-                with torch.no_grad():
-                    self.model(input_ids=input_ids, use_cache=False)
-            except _StopForward:
-                pass
-            finally:
-                handle.remove()
-            self._cache[key] = captured["hidden"]
-        return self._cache[key]
+        handle = self._lower[-1].register_forward_hook(capture)
+        try:
+            with torch.no_grad():
+                self.model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
 
     @contextmanager
-    def _upper_stack(self) -> Iterator[None]:
-        """Temporarily make the model's layer list hold only layers `start`.. (and, for GPT-2, make
-        the position embedding add zero), so feeding the cached hidden states as `inputs_embeds`
-        runs exactly the upper part of the network."""
-        holder, layer_list = self._stack()
-        full = getattr(holder, layer_list)
-        setattr(holder, layer_list, nn.ModuleList(list(full)[self.start :]))
-        wpe = getattr(holder, "wpe", None)
-        if wpe is not None:
-            holder.wpe = _Zeros(wpe)
+    def _replay(self, output: Any) -> Iterator[None]:
+        """Make layers 0..start-1 return `output` without computing. Each layer keeps its place
+        and attributes (e.g. its attention type), so the model's own loop, masks and position
+        handling run unchanged; an instance-level `forward` another library set is restored."""
+        saved = [layer.__dict__.get("forward") for layer in self._lower]
+        for layer in self._lower:
+            layer.forward = lambda *args, **kwargs: output
         try:
             yield
         finally:
-            setattr(holder, layer_list, full)
-            if wpe is not None:
-                holder.wpe = wpe
+            for layer, forward in zip(self._lower, saved):
+                if forward is None:
+                    del layer.forward
+                else:
+                    layer.forward = forward

@@ -15,26 +15,23 @@ import copy
 import torch
 from torch import Tensor
 
-from .policy import Policy, input_key, target_rows
+from .policy import PerInput, Policy, target_rows
 
 
 class _Reference:
     """Rows of the reference for any input, each computed once per edit (the reference never
-    changes during an edit, so a repeated input, e.g. c+y_l over a cycle's steps, is free)."""
+    changes during an edit, so a repeated input, e.g. c+y_l over a cycle's steps, is free).
+    Every call within an edit has the same n_target (the length of y_w)."""
 
     def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int, rows: Tensor) -> None:
-        self._rows: dict[tuple, Tensor] = {}
-
-    @staticmethod
-    def _key(input_ids: Tensor, n_target: int) -> tuple:
-        return (n_target, *input_key(input_ids))
+        self._rows = PerInput()
 
     def rows(self, input_ids: Tensor, n_target: int) -> Tensor:
-        key = self._key(input_ids, n_target)
-        if key not in self._rows:
-            with torch.no_grad():
-                self._rows[key] = self._forward(input_ids, n_target)
-        return self._rows[key]
+        return self._rows.get(input_ids, lambda: self._no_grad_forward(input_ids, n_target))
+
+    def _no_grad_forward(self, input_ids: Tensor, n_target: int) -> Tensor:
+        with torch.no_grad():
+            return self._forward(input_ids, n_target)
 
     def _forward(self, input_ids: Tensor, n_target: int) -> Tensor:
         raise NotImplementedError
@@ -45,7 +42,7 @@ class CachedReference(_Reference):
 
     def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int, rows: Tensor) -> None:
         super().begin_edit(policy, input_ids, n_target, rows)
-        self._rows[self._key(input_ids, n_target)] = rows.detach()
+        self._rows.put(input_ids, rows.detach())
 
     def _forward(self, input_ids: Tensor, n_target: int) -> Tensor:
         raise ValueError("the cached reference only scores the edit's own c+y_w; use reference 'swap' or 'copy'")
