@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import lightning as L
@@ -14,12 +15,25 @@ def last_checkpoint(dirpath: str | os.PathLike) -> Path:
     return Path(dirpath) / "last.ckpt"
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holding pickled objects beyond tensors and plain data: loading it could run code."""
+
+
 def check_checkpoint(path: str | os.PathLike) -> None:
-    """Fail with one clear line, before anything runs, if `path` is not a kdpo-lightning checkpoint."""
+    """Fail with one clear line, before anything runs, if `path` is not a kdpo-lightning checkpoint.
+
+    Loads with `weights_only=True`, as the resume itself does (`cli.py`): only tensors and plain data
+    are unpickled, so a crafted file is refused and nothing in it runs."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise ValueError(f"checkpoint {path} is corrupt or not a checkpoint (UnpicklingError: {err})") from None
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} refused: it holds pickled objects other than tensors and plain data, and loading "
+            "them could run code (kdpo-lightning checkpoints never do)") from None
     except Exception as err:  # torch.load raises many types for a truncated or foreign file
         raise ValueError(f"checkpoint {path} is corrupt or not a checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or "kdpo" not in state:

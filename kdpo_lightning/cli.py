@@ -2,7 +2,7 @@
 
     kdpo-lightning fit --config configs/llama3_wikirecent.yaml
     kdpo-lightning fit --config configs/demo.yaml --ckpt_path last     # resume
-    kdpo-lightning validate --config ... --model.apply_edit runs/x/edit.safetensors
+    kdpo-lightning validate --config ... --model.apply_edit runs/x/results.edit.safetensors
     kdpo-lightning prepare-model smollm2-135m
 """
 from __future__ import annotations
@@ -48,6 +48,7 @@ class EditCLI(LightningCLI):
     def _prepare(self) -> None:
         self.model.load()
         self.datamodule.set_tokenizer(self.model.tokenizer)
+        self.config_init[self.subcommand]["weights_only"] = True  # a resumed checkpoint never runs code
 
     def _parse_ckpt_path(self) -> None:
         """Check an explicit --ckpt_path before anything runs. Unlike Lightning's default, the
