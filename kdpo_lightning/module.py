@@ -19,7 +19,7 @@ from .evaluate import EditEvaluator, format_table, write_results
 from .loop import EditConfig, EditRecord, NonFiniteError, run_edit
 from .policy import Policy
 from .reference import make_reference
-from .saving import apply_edit, save_edit
+from .saving import apply_edit, edit_path, save_edit
 
 DEFAULT_REFERENCE = {"kdpo": "cached", "dpo": "swap", "ftm": None}
 EVAL_MODES = ("after_all", "after_each")
@@ -97,6 +97,8 @@ class KDPOEditor(L.LightningModule):
         """Per edited request index: its edit record (cycles, steps, losses, success, seconds)."""
         self.rows: dict[int, dict[str, Any]] = {}
         """Per evaluated request index: its metrics row."""
+        self.n_succeeded = 0
+        """Edits in `records` that succeeded, counted as they land (for the progress bar)."""
         self.evaluator: EditEvaluator | None = None
         self._restored: dict[str, Any] = {}
 
@@ -159,11 +161,11 @@ class KDPOEditor(L.LightningModule):
             self.trainer.datamodule.mark_done(index)
         if self.hparams.eval_mode == "after_each":
             self.rows[index] = self.evaluator.evaluate(self.lm, [index])[0]
-        successes = sum(r["success"] for r in self.records.values())
+        self.n_succeeded += record.success
         self.log_dict({"edit/cycles": float(record.cycles), "edit/steps": float(record.steps),
                        "edit/loss": record.last_loss if record.last_loss is not None else float("nan"),
                        "edit/success": float(record.success)}, on_step=True, batch_size=1)
-        self.log("success_rate", successes / len(self.records), prog_bar=True, on_step=True, batch_size=1)
+        self.log("success_rate", self.n_succeeded / len(self.records), prog_bar=True, on_step=True, batch_size=1)
 
     # Evaluation: pre-edit snapshot at the start, scores after each edit or after all of them.
 
@@ -188,7 +190,7 @@ class KDPOEditor(L.LightningModule):
             self.rows = {row["index"]: row for row in self.evaluator.evaluate(self.lm, indices)}
         self._finish(indices)
         if self.trainer.is_global_zero:
-            path = Path(self._results_path()).with_name("edit.safetensors")
+            path = edit_path(self._results_path())
             save_edit(path, self.policy.model_params, self._metadata(len(indices)))
             print(f"Edited tensors saved to {path}")
 
@@ -275,6 +277,7 @@ class KDPOEditor(L.LightningModule):
         checkpoint["state_dict"] = {}  # loaded above, into the fp32 masters as well as the model
         state = checkpoint["kdpo"]
         self.records = {int(k): v for k, v in state["records"].items()}
+        self.n_succeeded = sum(r["success"] for r in self.records.values())
         self.rows = {int(k): v for k, v in state["rows"].items()}
         self._restored = {"evaluator": state["evaluator"]}
         torch.set_rng_state(state["rng"])

@@ -27,6 +27,12 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def edit_path(results_path: str | os.PathLike) -> Path:
+    """Where a run saves its edit: beside its results file and named after it (results.json ->
+    results.edit.safetensors), so runs sharing a folder keep their own edits."""
+    return Path(results_path).with_suffix(".edit.safetensors")
+
+
 def save_edit(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
     """Write the edited tensors and JSON metadata (base model, method, edits, config) atomically."""
     with atomic_write(path) as tmp:
