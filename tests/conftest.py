@@ -1,7 +1,9 @@
-"""Shared fixtures: offline tokenizers trained on real data, tiny random-init models."""
+"""Shared fixtures: offline tokenizers trained on the bundled ZsRE records, tiny random-init models,
+and where the data lives (bundled, fixtures, or full files on the search path)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,13 +19,29 @@ from transformers import (
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on small CI machines
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DATA = SHARED / "data"
-SMOLLM_DIR = SHARED / "models" / "smollm2-135m-instruct"
+from kdpo_lightning.sources import BUNDLED, data_dirs
+
+SMOLLM_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "smollm2-135m-instruct"
+DEMO_ZSRE = BUNDLED["demo/zsre"]
+"""The first 50 KnowEdit ZsRE records, shipped with the package: most tests edit these."""
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+"""A few records of every file format, at their paths in the full data folder."""
+
+
+def full_data(rel: str) -> Path:
+    """A whole data file (path under a data folder) from the search path. Absent, the test skips, or
+    fails where KDPO_REQUIRE_DATA=1 (as in CI, which has the data)."""
+    for folder in data_dirs():
+        if (folder / rel).is_file():
+            return folder / rel
+    reason = f"full data file {rel} not found in {[str(d) for d in data_dirs()]}"
+    if os.environ.get("KDPO_REQUIRE_DATA") == "1":
+        pytest.fail(f"{reason}, and KDPO_REQUIRE_DATA=1")
+    pytest.skip(reason)
 
 
 def _corpus() -> list[str]:
-    records = json.loads((DATA / "ZsRE" / "ZsRE-test-all.json").read_text())
+    records = json.loads(DEMO_ZSRE.read_text())
     texts = []
     for r in records:
         texts += [r["prompt"], r["target_new"], r["rephrase_prompt"], r["subject"]]
@@ -35,7 +53,7 @@ def _wrap(tok: Tokenizer, **special) -> PreTrainedTokenizerFast:
 
 
 def make_bpe_tokenizer() -> PreTrainedTokenizerFast:
-    """GPT-2/LLaMA-3/Qwen style byte-level BPE (no BOS), trained on ZsRE text."""
+    """GPT-2/LLaMA-3/Qwen style byte-level BPE (no BOS), trained on the bundled ZsRE text."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -48,7 +66,7 @@ def make_bpe_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_sp_tokenizer() -> PreTrainedTokenizerFast:
-    """LLaMA-2 style sentencepiece BPE (metaspace, BOS prepended), trained on ZsRE text."""
+    """LLaMA-2 style sentencepiece BPE (metaspace, BOS prepended), trained on the bundled ZsRE text."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.pre_tokenizer = None

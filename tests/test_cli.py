@@ -6,10 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+import torch
+from conftest import DEMO_ZSRE
 from safetensors.torch import load_file
 
 from kdpo_lightning.cli import main
+from kdpo_lightning.saving import edit_path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -24,7 +26,7 @@ def tiny_dir(tiny_llama_dir) -> Path:
 def _tiny_args(tiny_dir: Path, run_dir: Path, n_edits: int = 5) -> list[str]:
     return ["--config", str(ROOT / "configs/demo.yaml"), "--model.name_or_path", str(tiny_dir),
             "--model.layer", "2", "--model.lr", "0.001", "--model.max_new_tokens", "10",
-            "--data.path", str(DATA / "ZsRE/ZsRE-test-all.json"), "--data.n_edits", str(n_edits),
+            "--data.path", str(DEMO_ZSRE), "--data.n_edits", str(n_edits),
             "--trainer.default_root_dir", str(run_dir)]
 
 
@@ -92,7 +94,7 @@ def test_fit_end_to_end_in_a_subprocess(tiny_dir, tmp_path):
     assert {"edit/cycles", "edit/steps", "edit/loss", "edit/success"} <= tags
     assert events.Scalars("final/edit_success")[-1].value == pytest.approx(summary["edit_success"], rel=1e-5)
 
-    edit = load_file(results_path.with_name("edit.safetensors"))
+    edit = load_file(edit_path(results_path))
     assert list(edit) == ["model.layers.2.mlp.down_proj.weight"]
     assert not (run_dir / "checkpoints" / ".last.ckpt.tmp").exists()
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
@@ -103,8 +105,22 @@ def test_validate_reproduces_the_scores_of_a_saved_edit(tiny_dir, tmp_path, caps
     fit_results, val_results = tmp_path / "fit.json", tmp_path / "val.json"
     args = _tiny_args(tiny_dir, tmp_path / "run", n_edits=3) + ["--model.fluency", "false"]
     assert main(["fit", *args, "--model.results_path", str(fit_results)]) == 0
-    edit = fit_results.with_name("edit.safetensors")
+    edit = edit_path(fit_results)
     assert main(["validate", *args, "--model.results_path", str(val_results), "--model.apply_edit", str(edit)]) == 0
     fit, val = json.loads(fit_results.read_text()), json.loads(val_results.read_text())
     for key in ("edit_success", "locality", "portability", "rephrase"):
         assert val["summary"][key] == pytest.approx(fit["summary"][key], abs=1e-9), key
+
+
+def test_two_runs_in_one_folder_keep_both_edits(tiny_dir, tmp_path, capsys):
+    """Each run's edit is named after its results file, so neither overwrites the other."""
+    args = _tiny_args(tiny_dir, tmp_path / "run", n_edits=2) + ["--model.fluency", "false"]
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    assert main(["fit", *args, "--model.results_path", str(first)]) == 0
+    kept = load_file(edit_path(first))
+    assert main(["fit", *args, "--model.results_path", str(second), "--model.method", "ftm"]) == 0
+    assert edit_path(first) == tmp_path / "first.edit.safetensors"
+    again, other = load_file(edit_path(first)), load_file(edit_path(second))
+    assert kept.keys() == again.keys() == other.keys()
+    for name in kept:
+        assert torch.equal(again[name], kept[name]) and not torch.equal(other[name], kept[name])

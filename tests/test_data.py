@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA
+from conftest import DEMO_ZSRE, FIXTURES, full_data
 
+from kdpo_lightning import sources
+from kdpo_lightning.sources import find_data
 from kdpo_lightning.data import (
     DataError,
     EditRequest,
@@ -20,7 +25,7 @@ from kdpo_lightning.data import (
 )
 
 EP = "EasyEdit_portability"
-ZSRE = DATA / "ZsRE" / "ZsRE-test-all.json"
+ZSRE = DEMO_ZSRE
 
 # (file, documented record count, detected format, probe items dropped for an empty answer)
 EDIT_FILES = [
@@ -60,7 +65,7 @@ def _empty_answers(value) -> bool:
 
 @pytest.mark.parametrize("rel, count, fmt, dropped", EDIT_FILES, ids=[Path(f[0]).name for f in EDIT_FILES])
 def test_every_edit_file_loads_with_documented_count(rel, count, fmt, dropped):
-    path = DATA / rel
+    path = full_data(rel)
     requests = load_requests(path)
     assert len(requests) == count
     assert load_requests(path, format=fmt) == requests  # auto-detection picked `fmt`
@@ -93,34 +98,34 @@ def test_zsre_mapping_matches_first_record(zsre):
 
 
 def test_wikibio_mapping():
-    raw = json.loads((DATA / "WikiBio" / "wikibio-test-all.json").read_text())[0]
-    r = load_requests(DATA / "WikiBio" / "wikibio-test-all.json")[0]
+    raw = json.loads((FIXTURES / "WikiBio" / "wikibio-test-all.json").read_text())[0]
+    r = load_requests(FIXTURES / "WikiBio" / "wikibio-test-all.json")[0]
     assert (r.prompt, r.target_new, r.subject) == (raw["text"].strip(), raw["labels"], "john russell reynolds")
     assert r.portability == {} and r.rephrase == () and r.ground_truth == ()
     assert r.locality["Relation_Specificity"][0] == ("The field of work of john russell reynolds is", ("medicine",))
 
 
 def test_wiki_recent_aliases_are_flattened():
-    requests = load_requests(DATA / "wiki_recent" / "recent_train.json")
+    requests = load_requests(FIXTURES / "wiki_recent" / "recent_train.json")
     r = requests[0]
     assert (r.prompt, r.target_new, r.subject) == ("The gender of Ingrīda Amantova is", "female", "Ingrīda Amantova")
     assert r.locality["Relation_Specificity"][0] == ("The place of birth of Ingrīda Amantova is", ("Cēsis",))
     ussr = r.locality["Relation_Specificity"][1][1]
     assert ussr[:3] == ("Soviet Union", "USSR", "U.S.S.R.") and len(ussr) == 13
     assert set(requests[1].locality) == {"Relation_Specificity", "Forgetfulness"}
-    assert requests[246].portability == {}  # the record has no portability field at all
+    assert requests[2].portability == {}  # record 246 of the full file has no portability field at all
 
 
 def test_wiki_counterfact_mapping():
-    requests = load_requests(DATA / "wiki_counterfact" / "train_cf.json")
+    requests = load_requests(FIXTURES / "wiki_counterfact" / "train_cf.json")
     r = requests[0]
     assert (r.target_new, r.ground_truth) == ("Franche-Comté", ("France",))
     assert set(r.portability) == {"Reasoning", "Subject_Aliasing"} and set(r.locality) == {"Relation_Specificity"}
-    assert requests[629].ground_truth == ()  # empty old answer: the request stays, ground truth is empty
+    assert requests[2].ground_truth == ()  # record 629: empty old answer; the request stays, ground truth empty
 
 
 def test_zsre_mend_mapping():
-    r = load_requests(DATA / EP / "portability" / "One Hop" / "zsre_mend_eval_portability_gpt4.json")[0]
+    r = load_requests(FIXTURES / EP / "portability" / "One Hop" / "zsre_mend_eval_portability_gpt4.json")[0]
     assert (r.prompt, r.target_new, r.subject) == (
         "When was the inception of IAAF Combined Events Challenge?", "2006", "IAAF Combined Events Challenge")
     assert r.rephrase == ("When was the IAAF Combined Events Challenge launched?",)
@@ -128,26 +133,26 @@ def test_zsre_mend_mapping():
     assert r.locality == {"neighborhood": (("nq question: what is the name of the last episode of spongebob",
                                             ("The String",)),)}
     assert r.portability["one_hop"][0][1] == ("Athletics",)
-    inverse = load_requests(DATA / EP / "portability" / "Inverse Relation" / "zsre_inverse_relation.json")[0]
+    inverse = load_requests(FIXTURES / EP / "portability" / "Inverse Relation" / "zsre_inverse_relation.json")[0]
     assert inverse.portability == {"inverse_relation": (("Who is Marian Clairmont's sister?", ("Claire Clairmont",)),)}
-    alias = load_requests(DATA / EP / "portability" / "Subject Replace" / "zsre_subject_replace.json")[0]
+    alias = load_requests(FIXTURES / EP / "portability" / "Subject Replace" / "zsre_subject_replace.json")[0]
     assert alias.portability == {"subject_replace": (("What is the constellation of UGC 6870?", ("Triangulum",)),)}
 
 
 def test_counterfact_mappings():
-    mend = load_requests(DATA / EP / "counterfact" / "counterfact-edit.json")[0]
+    mend = load_requests(FIXTURES / EP / "counterfact" / "counterfact-edit.json")[0]
     assert (mend.prompt, mend.target_new, mend.subject, mend.ground_truth) == (
         "The mother tongue of Danielle Darrieux is", "English", "Danielle Darrieux", ("French",))
     assert mend.rephrase == ("Where Danielle Darrieux is from, people speak the language of",)
     assert mend.locality == {"neighborhood": (("Michel Rocard is a native speaker of", ("French",)),)}
-    rome = load_requests(DATA / EP / "locality" / "Distracting Neighbor" / "counterfact_distracting_neighbor.json")[0]
+    rome = load_requests(FIXTURES / EP / "locality" / "Distracting Neighbor" / "counterfact_distracting_neighbor.json")[0]
     assert (rome.prompt, rome.target_new, rome.ground_truth) == ("Spike Hughes originates from", "Philadelphia",
                                                                  ("London",))
     assert len(rome.rephrase) == 2 and rome.locality["neighborhood"][0] == ("Max Mosley originates from", ("London",))
     assert len(rome.locality["distracting_neighbor"]) == 10
     assert rome.locality["other_attribution"] == (("What is Spike Hughes an instance of?", ("human",)),)
     assert rome.portability["one_hop"][0][1] == ("Cheesesteaks",)
-    alias = load_requests(DATA / EP / "portability" / "Subject Replace" / "counterfact_subject_replace.json")[0]
+    alias = load_requests(FIXTURES / EP / "portability" / "Subject Replace" / "counterfact_subject_replace.json")[0]
     assert alias.portability == {"subject_replace": (("Mary Eliza Wright passed away in", ("Birmingham",)),)}
 
 
@@ -159,12 +164,56 @@ def test_counterfact_mappings():
 ])
 def test_unsupported_files_raise_clearly(rel, why):
     with pytest.raises(DataError, match=why):
-        load_requests(DATA / rel)
+        load_requests(FIXTURES / rel)
 
 
 def test_unknown_format_name():
     with pytest.raises(ValueError, match="format must be one of .*got 'mquake'"):
         load_requests(ZSRE, format="mquake")
+
+
+def test_bundled_demo_is_the_first_50_zsre_records():
+    full = json.loads(full_data("ZsRE/ZsRE-test-all.json").read_text())
+    assert json.loads(DEMO_ZSRE.read_text()) == full[:50]
+    assert load_requests("demo/zsre") == load_requests(DEMO_ZSRE)
+
+
+def test_names_are_found_on_the_search_path_in_order(tmp_path, monkeypatch):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder in (first, second):
+        (folder / "wiki_recent").mkdir(parents=True)
+        shutil.copy(FIXTURES / "wiki_recent" / "recent_train.json", folder / "wiki_recent")
+    monkeypatch.setenv("KDPO_LIGHTNING_DATA", f"{first}{os.pathsep}{second}")
+    assert find_data("knowedit/wiki_recent") == first / "wiki_recent" / "recent_train.json"
+    (first / "wiki_recent" / "recent_train.json").unlink()
+    assert find_data("knowedit/wiki_recent") == second / "wiki_recent" / "recent_train.json"
+    assert len(load_requests("knowedit/wiki_recent")) == 3
+    assert find_data("my/edits.json") == Path("my/edits.json")  # not a name: a file path
+
+
+def test_missing_named_data_set_says_where_it_looked_and_where_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDPO_LIGHTNING_DATA", str(tmp_path / "nothing-here"))
+    monkeypatch.setattr(sources, "data_dirs", lambda: [tmp_path / "nothing-here", tmp_path / "cache" / "data"])
+    with pytest.raises(FileNotFoundError) as err:
+        load_requests("knowedit/wikibio")
+    message = str(err.value)
+    assert message.startswith("data set 'knowedit/wikibio' (WikiBio/wikibio-test-all.json) not found. Looked in:")
+    assert str(tmp_path / "nothing-here" / "WikiBio" / "wikibio-test-all.json") in message
+    assert str(tmp_path / "cache" / "data" / "WikiBio" / "wikibio-test-all.json") in message
+    assert "zjunlp/KnowEdit" in message and "EasyEdit" in message
+
+
+def test_default_search_path():
+    dirs = sources.data_dirs()
+    assert dirs[-2] == Path(sources.__file__).resolve().parents[2] / "shared" / "data"
+    assert dirs[-1].parts[-2:] == ("kdpo_lightning", "data")
+
+
+def test_file_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + DEMO_ZSRE.read_bytes())
+    assert load_requests(path)[:3] == [replace(r, source=r.source.replace("zsre.json", "bom.json"))
+                                       for r in load_requests(DEMO_ZSRE)[:3]]
 
 
 def test_empty_probe_answer_is_dropped_and_counted(tmp_path):
@@ -192,24 +241,26 @@ def test_same_subject_filter_on_toy_list():
     assert [r.prompt for r in select_requests(requests, n=2)[0]] == ["p0", "p1"]
 
 
-def test_same_subject_filter_on_zsre(zsre):
+def test_same_subject_filter_on_zsre():
+    full = full_data("ZsRE/ZsRE-test-all.json")
+    zsre = load_requests(full)
     seen, expected = set(), []
-    for rec in json.loads(ZSRE.read_text()):
+    for rec in json.loads(full.read_text()):
         if rec["subject"].strip() not in seen:
             expected.append(rec["prompt"])
         seen.add(rec["subject"].strip())
     chosen, report = select_requests(zsre)
     assert [r.prompt for r in chosen] == expected
     assert report["same_subject_dropped"] == len(zsre) - len(expected) == 1301 - 1068
-    kdpo_seq = load_requests(DATA / "KDPO_seq" / "benchmark_ZsRE_ZsRE-test-all_seq.json")
+    kdpo_seq = load_requests(full_data("KDPO_seq/benchmark_ZsRE_ZsRE-test-all_seq.json"))
     assert [r.prompt for r in chosen] == [r.prompt for r in kdpo_seq]  # the paper's published subset
 
 
 def test_seeded_random_sample_is_deterministic_and_ordered(zsre):
-    a, report = select_requests(zsre, n=50, sample="random", seed=3)
-    b, _ = select_requests(zsre, n=50, sample="random", seed=3)
-    c, _ = select_requests(zsre, n=50, sample="random", seed=4)
-    assert a == b and a != c and len(a) == report["selected"] == 50
+    a, report = select_requests(zsre, n=20, sample="random", seed=3)
+    b, _ = select_requests(zsre, n=20, sample="random", seed=3)
+    c, _ = select_requests(zsre, n=20, sample="random", seed=4)
+    assert a == b and a != c and len(a) == report["selected"] == 20
     positions = [zsre.index(r) for r in a]
     assert positions == sorted(positions)
     assert [r.prompt for r in select_requests(zsre, n=3)[0]] == [r.prompt for r in zsre[:3]]
@@ -284,7 +335,7 @@ def test_zsre_mend_probe_without_answer(tmp_path):
 
 
 def test_explicit_wrong_format_names_missing_field():
-    with pytest.raises(DataError, match=r"ZsRE-test-all.json#0: missing field 'concept'"):
+    with pytest.raises(DataError, match=r"zsre.json#0: missing field 'concept'"):
         load_requests(ZSRE, format="wikibio")
 
 
@@ -343,7 +394,7 @@ def test_datamodule_streams_edits_in_order(bpe_tokenizer):
     dm = _datamodule(bpe_tokenizer)
     batches = list(dm.train_dataloader())
     assert [b["index"] for b in batches] == list(range(6))
-    assert dm.report["format"] == "knowedit" and dm.report["selected"] == 6 and dm.report["records"] == 1301
+    assert dm.report["format"] == "knowedit" and dm.report["selected"] == 6 and dm.report["records"] == 50
     for b, r in zip(batches, dm.requests, strict=True):
         assert isinstance(b["index"], int) and isinstance(b["target_start"], int)
         assert b["input_ids"].dtype == torch.long and b["input_ids"].dim() == 1

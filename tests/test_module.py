@@ -2,7 +2,7 @@
 import lightning as L
 import pytest
 import torch
-from conftest import DATA, make_bpe_tokenizer, tiny_model
+from conftest import DEMO_ZSRE, make_bpe_tokenizer, tiny_model
 
 from kdpo_lightning.data import SequentialEditDataModule
 from kdpo_lightning.evaluate import EditEvaluator
@@ -12,7 +12,7 @@ HPARAMS = dict(lr=1e-3, n_cycles=4, n_steps=4, fluency=False)
 
 
 def _datamodule(tokenizer, n=3) -> SequentialEditDataModule:
-    dm = SequentialEditDataModule(str(DATA / "ZsRE/ZsRE-test-all.json"), n_edits=n)
+    dm = SequentialEditDataModule(str(DEMO_ZSRE), n_edits=n)
     dm.set_tokenizer(tokenizer)
     dm.setup()
     return dm
@@ -38,7 +38,7 @@ def test_trainer_and_plain_pytorch_make_the_same_sequential_edits(tmp_path):
         assert in_trainer.records[index]["success"] == record.success
     (name,) = plain.policy.params
     torch.testing.assert_close(in_trainer.policy.params[name], plain.policy.params[name], atol=1e-6, rtol=0)
-    assert (tmp_path / "results.json").exists() and (tmp_path / "edit.safetensors").exists()
+    assert (tmp_path / "results.json").exists() and (tmp_path / "results.edit.safetensors").exists()
 
 
 def test_each_edit_starts_from_the_previous_one():

@@ -6,7 +6,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from conftest import DATA, tiny_config
+from conftest import DEMO_ZSRE, tiny_config
 from families import FAMILIES, tiny_family_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -39,14 +39,14 @@ def _edit(model, tokenizer, prompt, target, config, reference="cached"):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_edits_succeed_as_often_as_fp32(bpe_tokenizer, dtype):
     """Steps of lr 3e-4 on weights of std 0.1 are mostly below bf16's resolution: without fp32
-    masters the bf16 edits of this test all fail while fp32 makes 4 of 10 (measured)."""
-    records = json.loads((DATA / "ZsRE" / "ZsRE-test-all.json").read_text())[:10]
-    config = EditConfig(lr=3e-4, n_cycles=20)
+    master values 3 of these 10 bf16 edits fail where fp32 makes all 10 (measured on the code before)."""
+    records = json.loads(DEMO_ZSRE.read_text())[:10]
+    config = EditConfig(lr=3e-4, n_cycles=40)
     succeeded = {}
     for run_dtype in (torch.float32, dtype):
         succeeded[run_dtype] = [_edit(_model(run_dtype, init=0.1), bpe_tokenizer, r["prompt"], r["target_new"],
                                       config)[1].success for r in records]
-    assert sum(succeeded[torch.float32]) >= 3
+    assert sum(succeeded[torch.float32]) >= 8
     assert succeeded[dtype] == succeeded[torch.float32]
 
 
@@ -95,7 +95,7 @@ def test_bf16_prefix_cache_is_bitwise_equal_to_full_forwards(bpe_tokenizer, fami
 
 @pytest.mark.parametrize("method", ["kdpo", "dpo", "ftm"])
 def test_bf16_trainer_run_saves_the_edit_in_the_model_dtype(bpe_tokenizer, tmp_path, method):
-    dm_records = json.loads((DATA / "ZsRE" / "ZsRE-test-all.json").read_text())[:2]
+    dm_records = json.loads(DEMO_ZSRE.read_text())[:2]
     from kdpo_lightning.data import SequentialEditDataModule
 
     path = tmp_path / "edits.json"
@@ -107,7 +107,7 @@ def test_bf16_trainer_run_saves_the_edit_in_the_model_dtype(bpe_tokenizer, tmp_p
     L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False).fit(editor, datamodule=dm)
     assert all(r["steps"] > 0 and r["failed"] is None for r in editor.records.values())
-    saved = load_file(str(tmp_path / "edit.safetensors"))
+    saved = load_file(str(tmp_path / "results.edit.safetensors"))
     ((name, tensor),) = saved.items()
     assert tensor.dtype == torch.bfloat16
     assert torch.equal(tensor, dict(editor.lm.named_parameters())[name].detach())

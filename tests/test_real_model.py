@@ -1,7 +1,7 @@
 """A real pretrained model (SmolLM2-135M-Instruct): KDPO flips its greedy answer to the target."""
 import pytest
 import torch
-from conftest import DATA
+from conftest import DEMO_ZSRE
 
 from kdpo_lightning.data import load_requests
 from kdpo_lightning.models import load_model
@@ -21,7 +21,7 @@ def _predicts_target(editor, request) -> bool:
 def test_kdpo_flips_the_teacher_forced_prediction(smollm_cache):
     model, tokenizer = load_model("smollm2-135m", cache_dir=str(smollm_cache), dtype="float32", device="cpu")
     editor = KDPOEditor.from_model(model, tokenizer, layer=20)  # the paper's protocol: lr 1e-4, 10 x 8 steps
-    candidates = load_requests(DATA / "ZsRE" / "ZsRE-test-all.json")[:20]
+    candidates = load_requests(DEMO_ZSRE)[:20]
     requests = [r for r in candidates if not _predicts_target(editor, r)][:2]
     assert len(requests) == 2
     for request in requests:

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, _corpus, _wrap, tiny_model
+from conftest import DEMO_ZSRE, _corpus, _wrap, tiny_model
 from safetensors.torch import load_file
 
+from kdpo_lightning import sources
 from kdpo_lightning.cli import main
 from kdpo_lightning.data import encode, load_requests
 from kdpo_lightning.module import KDPOEditor
 
 REPO = Path(__file__).resolve().parents[1]
-ZSRE = DATA / "ZsRE" / "ZsRE-test-all.json"
+ZSRE = DEMO_ZSRE
 N_EDITS, EVERY, STALL_AT = 30, 5, 12
 """30 edits, a checkpoint every 5; the killed run is held after edit 12, two edits past its last checkpoint."""
 RUN_TIMEOUT = 420
@@ -58,7 +59,7 @@ def _comparable(results: dict) -> dict:
 
 
 def _tensors(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "edit.safetensors"))
+    return load_file(str(out / "results.edit.safetensors"))
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
@@ -167,7 +168,7 @@ def runs(tmp_path_factory, model_dir):
         assert p_kill.wait(timeout=60) == -signal.SIGKILL
         at_kill = {
             "results_exists": (killed / "results.json").exists(),
-            "edit_exists": (killed / "edit.safetensors").exists(),
+            "edit_exists": (killed / "results.edit.safetensors").exists(),
             "ckpt": torch.load(ckpt, map_location="cpu", weights_only=False),
             "edits_before_kill": _edit_log(killed / "killed_edits.txt"),
         }
@@ -273,7 +274,7 @@ def test_cli_exposes_allow_pickle_and_distrusts_remote_code(capsys):
 
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory, model_dir) -> Path:
-    """What an earlier good run left: results.json, edit.safetensors and run/checkpoints/last.ckpt."""
+    """What an earlier good run left: results.json, results.edit.safetensors and run/checkpoints/last.ckpt."""
     out = tmp_path_factory.mktemp("good")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "argv", ["kdpo-lightning"])
@@ -287,7 +288,7 @@ def good_run(tmp_path_factory, model_dir) -> Path:
 def run_dir(tmp_path, good_run):
     """A copy of the good run's outputs: (out dir, its files' bytes) for the no-damage check."""
     out = tmp_path / "out"
-    for rel in ("results.json", "edit.safetensors", "run/checkpoints/last.ckpt"):
+    for rel in ("results.json", "results.edit.safetensors", "run/checkpoints/last.ckpt"):
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(good_run / rel, out / rel)
     return out, _snapshot(out)
@@ -434,6 +435,38 @@ def test_truncated_checkpoint(capsys, run_dir, model_dir, tmp_path):
     path.write_bytes(whole[: len(whole) // 2])
     msg = _fails(capsys, run_dir, model_dir, "--ckpt_path", str(path))
     assert msg.startswith(f"checkpoint {path} is corrupt or not a checkpoint (")
+
+
+class _CreatesFile:
+    """Unpickling this runs `touch PATH`: what a crafted checkpoint would do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+@pytest.mark.parametrize("resume_last", [False, True])
+def test_crafted_checkpoint_is_refused_and_runs_nothing(capsys, run_dir, model_dir, tmp_path, resume_last):
+    marker, path = tmp_path / "created-by-the-checkpoint", tmp_path / "ckpts" / "last.ckpt"
+    path.parent.mkdir()
+    torch.save({"kdpo": _CreatesFile(marker), "state_dict": {}}, path)
+    torch.load(path, weights_only=False)  # the file really runs code when unpickled the unsafe way
+    assert marker.exists()
+    marker.unlink()
+    args = ("--ckpt_path", "last", "--checkpoint.dirpath", str(path.parent)) if resume_last else ("--ckpt_path", str(path))
+    msg = _fails(capsys, run_dir, model_dir, *args)
+    assert msg == (f"checkpoint {path} refused: it holds pickled objects other than tensors and plain data, and "
+                   "loading them could run code (kdpo-lightning checkpoints never do)")
+    assert not marker.exists()
+
+
+def test_named_data_set_not_found(capsys, run_dir, model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "data_dirs", lambda: [tmp_path / "data"])
+    msg = _fails(capsys, run_dir, model_dir, "--data.path", "knowedit/wikibio")
+    assert msg.startswith("data set 'knowedit/wikibio' (WikiBio/wikibio-test-all.json) not found. Looked in:\n"
+                          f"  - {tmp_path / 'data' / 'WikiBio' / 'wikibio-test-all.json'}\nGet the KnowEdit data set")
 
 
 def test_foreign_checkpoint(capsys, run_dir, model_dir, tmp_path):
