@@ -9,19 +9,13 @@ Prints a markdown table and writes bench/results/precision_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
-from pathlib import Path
 
+import report
 import torch
 
 from kdpo_lightning.data import load_requests
-from kdpo_lightning.sources import find_data
 from kdpo_lightning.models import load_model
 from kdpo_lightning.module import KDPOEditor
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run(dtype: str, n: int, device: str, layer: int) -> dict:
@@ -29,7 +23,7 @@ def run(dtype: str, n: int, device: str, layer: int) -> dict:
     model, tokenizer = load_model("smollm2-135m", dtype=dtype, device=device)
     editor = KDPOEditor.from_model(model, tokenizer, layer=layer)
     records = []
-    for request in load_requests(find_data("knowedit/zsre"))[:n]:
+    for request in load_requests("knowedit/zsre")[:n]:
         record = editor.edit(request)
         records.append({"prompt": request.prompt, "target": request.target_new, **record.as_dict()})
         print(f"{dtype}: {request.prompt!r} -> {request.target_new!r}: success={record.success} "
@@ -57,15 +51,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    started = report.now()
     runs = [run(dtype, args.n, args.device, args.layer) for dtype in args.dtypes]
-    print(table(runs))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"precision_{args.device}.json"
-    out.write_text(json.dumps({"started": started, "machine": platform.processor() or platform.machine(),
-                               "threads": args.threads, "torch": torch.__version__, "layer": args.layer,
-                               "runs": runs, "table": table(runs)}, indent=1))
-    print(f"written to {out}")
+    report.save(f"precision_{args.device}", table(runs), started, threads=args.threads, torch=torch.__version__,
+                layer=args.layer, runs=runs)
 
 
 if __name__ == "__main__":

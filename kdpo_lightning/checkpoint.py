@@ -45,7 +45,8 @@ class EditCheckpoint(L.Callback):
 
     The file holds the trained tensors, the stream position, the records so far and the RNG
     state (see `KDPOEditor.on_save_checkpoint`), not the model. It is written to a temp file and
-    renamed, so a kill during the write leaves the previous checkpoint valid.
+    renamed, so a kill during the write leaves the previous checkpoint valid. Not written under DDP
+    (single mode over several processes: each holds only its own records).
     """
 
     def __init__(self, dirpath: str | None = None, every_n_edits: int = 10) -> None:
@@ -57,6 +58,8 @@ class EditCheckpoint(L.Callback):
         return Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if trainer.world_size > 1:  # each process holds other records: resuming is for one process
+            return
         done = len(pl_module.records)
         if done % self.every_n_edits == 0 or done == len(trainer.datamodule.requests):
             self.save(trainer)
@@ -64,5 +67,5 @@ class EditCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer) -> Path:
         path = last_checkpoint(self.resolve_dir(trainer))
         with atomic_write(path) as tmp:
-            trainer.save_checkpoint(tmp)
+            trainer.save_checkpoint(tmp, weights_only=False)  # the whole run state, not only the weights
         return path

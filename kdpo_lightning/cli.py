@@ -16,15 +16,20 @@ from lightning.pytorch.cli import LightningCLI
 
 from .checkpoint import EditCheckpoint, check_checkpoint, last_checkpoint
 from .data import SequentialEditDataModule
-from .module import KDPOEditor
+from .module import KDPOEditor, check_edit_mode
 
 
 class EditProgressBar(TQDMProgressBar):
-    """One tick per edit, out of the whole sequence (the edit stream itself has no length)."""
+    """One tick per edit, out of the whole sequence (the edit stream itself has no length). Under DDP
+    only process 0 shows it, and each of its steps stands for one edit on every process."""
 
     @property
     def total_train_batches(self) -> int:
         return len(self.trainer.datamodule.requests)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        done = min((batch_idx + 1) * trainer.world_size, self.total_train_batches)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, done - 1)
 
 
 TRAINER_DEFAULTS = {
@@ -60,6 +65,7 @@ class EditCLI(LightningCLI):
             check_checkpoint(path)
 
     def before_fit(self) -> None:
+        check_edit_mode(self.model.hparams.edit_mode, self.trainer.world_size)  # before any process starts
         self._prepare()
         self.trainer.limit_val_batches = 0  # `fit` evaluates in the module's hooks, not in a val loop
         callback = next(c for c in self.trainer.callbacks if isinstance(c, EditCheckpoint))

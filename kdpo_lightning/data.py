@@ -364,21 +364,27 @@ def probe_rows(requests: list[EditRequest], kind: str) -> list[dict]:
 
 class _EditStream(IterableDataset):
     """Edit rows from `start` on. It has no length on purpose: Lightning then runs a resumed epoch to the end
-    of the stream instead of stopping after len(loader) minus the batches it already counted."""
+    of the stream instead of stopping after len(loader) minus the batches it already counted.
 
-    def __init__(self, edits: Dataset, start: int) -> None:
-        self.edits, self.start = edits, start
+    Sharded over `world` processes, process `rank` gets rows start+rank, start+rank+world, ...; a process
+    with one row fewer gets a padding row {"index": -1} so that all run the same number of steps."""
+
+    def __init__(self, edits: Dataset, start: int, rank: int = 0, world: int = 1) -> None:
+        self.edits, self.start, self.rank, self.world = edits, start, rank, world
 
     def __iter__(self) -> Iterator[dict]:
-        return (self.edits[i] for i in range(self.start, len(self.edits)))
+        rounds = -(-(len(self.edits) - self.start) // self.world)
+        for i in range(self.start + self.rank, self.start + rounds * self.world, self.world):
+            yield self.edits[i] if i < len(self.edits) else {"index": -1}
 
 
 class SequentialEditDataModule(L.LightningDataModule):
     """Edits in a fixed order, one per batch, resumable from checkpoints; probe rows for the metrics.
+    Under DDP (single-edit mode) each process gets an interleaved shard of the edits.
 
     The LightningModule owns the tokenizer and attaches it with `set_tokenizer` before fitting. After it
     has applied the edit of a batch it calls `mark_done(batch["index"])`; `state_dict()` saves that
-    position, so a run resumed from a checkpoint starts at the next edit. Single device only.
+    position, so a run resumed from a checkpoint starts at the next edit. Resuming is for one process.
     """
 
     def __init__(
@@ -438,7 +444,9 @@ class SequentialEditDataModule(L.LightningDataModule):
         if self._resume_n is not None and self._resume_n != len(edits):
             raise ValueError(f"the checkpoint's edit sequence has {self._resume_n} edits, this run selects "
                              f"{len(edits)}; resume with the same data arguments")
-        return DataLoader(_EditStream(edits, self.position), batch_size=None)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return DataLoader(_EditStream(edits, self.position, rank, world), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         """The whole sequence, for `validate`/`test`: they score a saved edit without editing."""

@@ -63,9 +63,13 @@ def resolve_device(device: str) -> str:
 
 
 def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto",
-               trust_remote_code: bool = False, allow_pickle: bool = False,
-               cache_dir: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model in eval mode, tokenizer) from a local dir, the HF cache, or the demo name; never online."""
+               trust_remote_code: bool = False, allow_pickle: bool = False, cache_dir: str | None = None,
+               device_map: str | dict | None = None, max_memory: dict | None = None,
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model in eval mode, tokenizer) from a local dir, the HF cache, or the demo name; never online.
+
+    With `device_map` ("auto" or {module: device}) accelerate spreads the layers over devices (within
+    `max_memory`) and the model stays where it puts them; otherwise it goes to `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = find_model_dir(name_or_path, cache_dir=cache_dir)
@@ -76,9 +80,9 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto",
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code,
-        use_safetensors=use_safetensors, local_files_only=True,
+        use_safetensors=use_safetensors, local_files_only=True, device_map=device_map, max_memory=max_memory,
     )
-    return model.to(device).eval(), tokenizer
+    return (model if device_map is not None else model.to(device)).eval(), tokenizer
 
 
 def find_model_dir(name_or_path: str, cache_dir: str | None = None) -> Path:

@@ -1,20 +1,27 @@
 """`KDPOEditor`: the LightningModule that edits a causal LM with a stream of edit requests.
 
-Each batch is one edit request; edits run in order, each starting from the weights the previous
-one left (sequential editing). Usable with `lightning.Trainer(...).fit(editor, datamodule)` or
-without a Trainer through `editor.edit(request)`.
+Each batch is one edit request. In `sequential` mode edits run in order, each starting from the
+weights the previous one left; in `single` mode (EasyEdit's `sequential_edit=False`) each starts
+from the original weights, is evaluated, and is rolled back, so requests are independent and can be
+sharded over processes (`trainer.strategy: ddp`). Usable with `lightning.Trainer(...).fit(editor,
+datamodule)` or without a Trainer through `editor.edit(request)`.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .data import EditRequest, Encoded, encode
+from .capability import load_questions
+from .curves import Retention, plot_curve
 from .evaluate import EditEvaluator, format_table, write_results
 from .loop import EditConfig, EditRecord, NonFiniteError, run_edit
 from .policy import Policy
@@ -23,6 +30,17 @@ from .saving import apply_edit, edit_path, save_edit
 
 DEFAULT_REFERENCE = {"kdpo": "cached", "dpo": "swap", "ftm": None}
 EVAL_MODES = ("after_all", "after_each")
+EDIT_MODES = ("sequential", "single")
+
+
+def check_edit_mode(edit_mode: str, world_size: int) -> None:
+    """Sequential edits build on each other, so they cannot be split over processes."""
+    if edit_mode not in EDIT_MODES:
+        raise ValueError(f"edit_mode must be one of {EDIT_MODES}, got {edit_mode!r}")
+    if edit_mode == "sequential" and world_size > 1:
+        raise ValueError(f"sequential edits build on each other and cannot be split over {world_size} processes: "
+                         "use model.edit_mode: single, or one process with model.device_map to spread a large "
+                         "model over devices")
 
 
 class KDPOEditor(L.LightningModule):
@@ -43,13 +61,21 @@ class KDPOEditor(L.LightningModule):
         reference: str | None = None,
         prefix_cache: bool = True,
         dtype: str = "auto",
+        device_map: str | dict[str, Any] | None = None,
+        max_memory: dict[str, str] | None = None,
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
+        edit_mode: str = "sequential",
         eval_mode: str = "after_all",
         fluency: bool = True,
         fluency_sampling: str = "greedy",
         max_new_tokens: int = 100,
         eval_batch_size: int = 16,
+        generation_metrics: bool = False,
+        generation_max_tokens: int = 32,
+        eval_every_n_edits: int | None = None,
+        capability: list[str] | None = None,
+        capability_n: int = 100,
         results_path: str | None = None,
         apply_edit: str | None = None,
     ) -> None:
@@ -68,14 +94,29 @@ class KDPOEditor(L.LightningModule):
             reference: cached (KDPO default), swap (vanilla DPO default) or copy.
             prefix_cache: run the layers below the edited one once per edit.
             dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.
+            device_map: spread the model over devices with accelerate (`auto` or {module: device});
+                for a model larger than one device, with sequential edits in one process.
+            max_memory: per-device memory limits for `device_map: auto`, e.g. {0: "70GiB", "cpu": "200GiB"}.
             trust_remote_code: allow model code from the model directory.
             allow_pickle: allow pickled (non-safetensors) weights.
+            edit_mode: sequential (each edit starts from the previous one; the paper's protocol) or
+                single (each edit starts from the original weights, is evaluated, then rolled back).
             eval_mode: after_all (apply every edit, then evaluate all; the paper's protocol) or
-                after_each (evaluate each request right after its own edit).
+                after_each (evaluate each request right after its own edit). Single mode is always
+                evaluated right after each edit.
             fluency: score the n-gram entropy of text generated from each prompt.
             fluency_sampling: greedy, or top_k (EasyEdit's top-5 sampling, seeded).
             max_new_tokens: tokens generated for fluency.
             eval_batch_size: prompts per evaluation forward.
+            generation_metrics: also score greedy generated answers (no teacher forcing): exact match
+                and containment of the target, locality as "same answer as before the edits".
+            generation_max_tokens: longest generated answer (it also stops at EOS or a newline).
+            eval_every_n_edits: sequential mode: evaluate the requests edited so far every K edits,
+                giving a retention curve (results JSON, TensorBoard `curve/*`, a PNG beside the results),
+                and record each request's Edit Succ. right after its own edit.
+            capability: general benchmarks scored before the first edit, on the curve and at the end:
+                any of mmlu, hellaswag, piqa, winogrande (log-likelihood multiple choice).
+            capability_n: questions per benchmark, a subset seeded by the data seed.
             results_path: where the results JSON goes (default: results.json in the log dir).
             apply_edit: a saved edit (.safetensors) to apply before `validate`/`test` evaluate it.
         """
@@ -89,6 +130,9 @@ class KDPOEditor(L.LightningModule):
             raise ValueError("vanilla DPO scores y_l in a new context every cycle: use reference 'swap' or 'copy'")
         if self.reference_name is not None:
             make_reference(self.reference_name)  # fail on a bad name now, not at the first edit
+        check_edit_mode(edit_mode, 1)
+        if eval_every_n_edits is not None and edit_mode == "single":
+            raise ValueError("eval_every_n_edits follows a sequence of edits: it needs edit_mode sequential")
         if eval_mode not in EVAL_MODES:
             raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
         self.lm: nn.Module | None = None
@@ -99,6 +143,10 @@ class KDPOEditor(L.LightningModule):
         """Per evaluated request index: its metrics row."""
         self.n_succeeded = 0
         """Edits in `records` that succeeded, counted as they land (for the progress bar)."""
+        self._original: dict[str, Tensor] | None = None
+        """Single mode: the trained tensors before any edit, restored after each one."""
+        self.retention: Retention | None = None
+        """Edit Succ. right after each edit, the curve and capability scores (set up at fit start)."""
         self.evaluator: EditEvaluator | None = None
         self._restored: dict[str, Any] = {}
 
@@ -116,11 +164,16 @@ class KDPOEditor(L.LightningModule):
 
             hp = self.hparams
             model, tokenizer = load_model(hp.name_or_path, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code,
-                                          allow_pickle=hp.allow_pickle)
+                                          allow_pickle=hp.allow_pickle, device_map=hp.device_map,
+                                          max_memory=hp.max_memory)
             self._attach(model, tokenizer)
 
     def _attach(self, model: nn.Module, tokenizer) -> None:
-        self.lm, self.tokenizer = model.eval(), tokenizer
+        if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
+            self.__dict__["lm"] = model.eval()  # placed by accelerate: not a submodule Lightning would move
+        else:
+            self.lm = model.eval()
+        self.tokenizer = tokenizer
         hp = self.hparams
         self.policy = Policy(model, trainable=hp.trainable, layer=hp.layer, prefix_cache=hp.prefix_cache)
         self.reference = make_reference(self.reference_name) if self.reference_name else None
@@ -152,15 +205,23 @@ class KDPOEditor(L.LightningModule):
         return self._edit(input_ids, encoded.target_start, optimizer, Tensor.backward)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        index = int(batch["index"])
+        if index < 0:  # padding: every process runs the same number of steps
+            return
         optimizer = self.optimizers()
         optimizer.optimizer.state.clear()  # a fresh Adam for every edit, as in the paper
-        record = self._edit(batch["input_ids"][None], int(batch["target_start"]), optimizer, self.manual_backward)
-        index = int(batch["index"])
-        self.records[index] = record.as_dict()
-        if hasattr(self.trainer.datamodule, "mark_done"):  # resumable data modules track the position
+        with self._independent_of_other_processes():
+            record = self._edit(batch["input_ids"][None], int(batch["target_start"]), optimizer, self.manual_backward)
+        self.records[index] = {**record.as_dict(), "rank": self.global_rank}  # the process that made it
+        if self.trainer.world_size == 1 and hasattr(self.trainer.datamodule, "mark_done"):  # resume position
             self.trainer.datamodule.mark_done(index)
-        if self.hparams.eval_mode == "after_each":
+        if self._single() or self.hparams.eval_mode == "after_each":
             self.rows[index] = self.evaluator.evaluate(self.lm, [index])[0]
+        if self._single():
+            self.policy.load_values(self._original)
+        point = self.retention.after_edit(self.lm, self.tokenizer, self.evaluator, index, sorted(self.records))
+        if point is not None and self.logger is not None:
+            self.logger.log_metrics({f"curve/{k}": v for k, v in point.items() if k != "edits"}, step=point["edits"])
         self.n_succeeded += record.success
         self.log_dict({"edit/cycles": float(record.cycles), "edit/steps": float(record.steps),
                        "edit/loss": record.last_loss if record.last_loss is not None else float("nan"),
@@ -170,8 +231,13 @@ class KDPOEditor(L.LightningModule):
     # Evaluation: pre-edit snapshot at the start, scores after each edit or after all of them.
 
     def on_fit_start(self) -> None:
+        check_edit_mode(self.hparams.edit_mode, self.trainer.world_size)
         self._check_lengths()
         self._start_evaluation()
+        if self._single():
+            self._original = self.policy.original_values()
+        if not self.retention.capability_before:
+            self.retention.capability_before = self.retention.capability(self.lm, self.tokenizer)
 
     def on_validation_start(self) -> None:
         if not self._fitting():
@@ -185,14 +251,34 @@ class KDPOEditor(L.LightningModule):
     test_step = validation_step
 
     def on_train_end(self) -> None:
-        indices = list(self.records)
-        if self.hparams.eval_mode == "after_all":
+        if self.hparams.eval_mode == "after_all" and not self._single():
+            indices = sorted(self.records)
             self.rows = {row["index"]: row for row in self.evaluator.evaluate(self.lm, indices)}
+        self._gather()
+        indices = sorted(self.records)
         self._finish(indices)
-        if self.trainer.is_global_zero:
+        if self.trainer.is_global_zero and not self._single():  # single mode rolls every edit back
             path = edit_path(self._results_path())
             save_edit(path, self.policy.model_params, self._metadata(len(indices)))
             print(f"Edited tensors saved to {path}")
+
+    def _single(self) -> bool:
+        return self.hparams.edit_mode == "single"
+
+    def _independent_of_other_processes(self):
+        """Under DDP each process edits its own requests on its own replica: no gradient averaging."""
+        model = self.trainer.strategy.model
+        return model.no_sync() if isinstance(model, DistributedDataParallel) else nullcontext()
+
+    def _gather(self) -> None:
+        """Under DDP, give every process all records and metric rows (each request comes from one)."""
+        if self.trainer.world_size == 1 or not dist.is_initialized():
+            return
+        parts = [None] * self.trainer.world_size
+        dist.all_gather_object(parts, (self.records, self.rows))
+        for records, rows in parts:
+            self.records.update(records)
+            self.rows.update(rows)
 
     def on_validation_end(self) -> None:
         if self._fitting():  # a val loop inside `fit` has nothing to do: fit evaluates at its end
@@ -209,9 +295,13 @@ class KDPOEditor(L.LightningModule):
     def _start_evaluation(self) -> None:
         hp = self.hparams
         self.evaluator = EditEvaluator(self.tokenizer, self.trainer.datamodule.requests, hp.eval_batch_size,
-                                       hp.fluency, hp.fluency_sampling, hp.max_new_tokens, seed=self._seed())
+                                       hp.fluency, hp.fluency_sampling, hp.max_new_tokens, seed=self._seed(),
+                                       generation=hp.generation_metrics, generation_max_tokens=hp.generation_max_tokens)
+        questions = {name: load_questions(name, hp.capability_n, self._seed()) for name in hp.capability or ()}
+        self.retention = Retention(hp.eval_every_n_edits, questions, hp.eval_batch_size)
         if "evaluator" in self._restored:
             self.evaluator.load_state_dict(self._restored["evaluator"])
+            self.retention.load_state_dict(self._restored["retention"])
         else:
             self.evaluator.snapshot_pre(self.lm)
 
@@ -232,20 +322,32 @@ class KDPOEditor(L.LightningModule):
 
     def _finish(self, indices: list[int]) -> None:
         """Summarize, write the results JSON, log the final metrics, print the table."""
+        retention = self.retention
         rows, records = [self.rows[i] for i in indices], [self.records.get(i, {}) for i in indices]
-        summary = self.evaluator.summarize(rows)
+        summary = {**self.evaluator.summarize(rows), **retention.capability(self.lm, self.tokenizer)}
         if self.records:
             summary["edits_succeeded"] = 100.0 * sum(r["success"] for r in records) / len(records)
+        if retention.right_after:
+            rows = [{**row, "edit_success_right_after": retention.right_after.get(row["index"])} for row in rows]
+            after = [r["edit_success_right_after"] for r in rows if r["edit_success_right_after"] is not None]
+            summary["edit_success_right_after"] = 100.0 * sum(after) / len(after)
+        if retention.every is not None and self._fitting() and (not retention.curve or
+                                                                 retention.curve[-1]["edits"] != len(self.records)):
+            retention.add_point(len(self.records), summary)
         if not self.trainer.is_global_zero:
             return
         dm = self.trainer.datamodule
         path = write_results(self._results_path(), config=dict(self.hparams) | {"data": dict(dm.hparams)},
                              model=self.hparams.name_or_path, dataset=str(dm.hparams.path),
-                             method=self.hparams.method, rows=rows, edit_records=records, summary=summary)
+                             method=self.hparams.method, rows=rows, edit_records=records, summary=summary,
+                             curve=retention.curve, capability_before=retention.capability_before)
+        if retention.curve:
+            print(f"Retention curve plotted to {plot_curve(retention.curve, Path(path).with_suffix('.curve.png'))}")
         if self.logger is not None:
             self.logger.log_metrics({f"final/{k}": v for k, v in summary.items()}, step=len(indices))
             self.logger.log_hyperparams(self._plain_hparams(), {f"hp/{k}": v for k, v in summary.items()})
-        print(f"\n{len(indices)} requests, {len(self.records)} edits ({self.hparams.method}, {self.hparams.eval_mode}):"
+        mode = "single" if self._single() else f"sequential, {self.hparams.eval_mode}"
+        print(f"\n{len(indices)} requests, {len(self.records)} edits ({self.hparams.method}, {mode}):"
               f"\n{format_table(summary)}")
         print(f"Results written to {path}")
 
@@ -270,7 +372,7 @@ class KDPOEditor(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {f"lm.{k}": v.detach().cpu() for k, v in self.policy.params.items()}
         checkpoint["kdpo"] = {"records": self.records, "rows": self.rows, "evaluator": self.evaluator.state_dict(),
-                              "rng": torch.get_rng_state()}
+                              "retention": self.retention.state_dict(), "rng": torch.get_rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.policy.load_values({k.removeprefix("lm."): v for k, v in checkpoint.pop("state_dict").items()})
@@ -279,7 +381,7 @@ class KDPOEditor(L.LightningModule):
         self.records = {int(k): v for k, v in state["records"].items()}
         self.n_succeeded = sum(r["success"] for r in self.records.values())
         self.rows = {int(k): v for k, v in state["rows"].items()}
-        self._restored = {"evaluator": state["evaluator"]}
+        self._restored = {"evaluator": state["evaluator"], "retention": state["retention"]}
         torch.set_rng_state(state["rng"])
 
     def _edit(self, input_ids: Tensor, target_start: int, optimizer, backward) -> EditRecord:
