@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -17,49 +17,14 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from kdpo_lightning.data import EditRequest, encode
+from kdpo_lightning.generation import (
+    SAMPLINGS, by_length, contains, exact_match, generate_texts, greedy_answers, left_pad, model_device, pad_token_id,
+)
 from kdpo_lightning.saving import atomic_write
 from kdpo_lightning.metrics import (
     EditSuccess, Fluency, Generalization, Locality, Portability, ngram_entropy, probe_accuracy,
     token_accuracy,
 )
-
-SAMPLINGS = ("greedy", "top_k")
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _pad_id(tokenizer) -> int:
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return token_id
-    return 0
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int,
-              device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Left-pads token rows.
-
-    Returns:
-        ``input_ids (B, T)``, ``attention_mask (B, T)`` and ``position_ids (B, T)`` that count
-        from 0 at each row's first real token (pads get 0).
-    """
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
-
-
-def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped by similar length, to waste little compute on padding."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
 
 @torch.no_grad()
 def teacher_forced_argmax(model: torch.nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
@@ -75,10 +40,10 @@ def teacher_forced_argmax(model: torch.nn.Module, tokenizer, pairs: Sequence[tup
     """
     encoded = [encode(tokenizer, prompt, answer) for prompt, answer in pairs]
     out: list[tuple[Tensor, Tensor]] = [None] * len(encoded)  # type: ignore[list-item]
-    pad_id, device = _pad_id(tokenizer), _device(model)
-    for batch in _batches([len(e.input_ids) for e in encoded], batch_size):
+    pad_id, device = pad_token_id(tokenizer), model_device(model)
+    for batch in by_length([len(e.input_ids) for e in encoded], batch_size):
         rows = [encoded[i].input_ids for i in batch]
-        ids, mask, positions = _left_pad(rows, pad_id, device)
+        ids, mask, positions = left_pad(rows, pad_id, device)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
         preds = logits.argmax(-1).cpu()  # (B, T)
         ids, width = ids.cpu(), ids.shape[1]
@@ -86,60 +51,6 @@ def teacher_forced_argmax(model: torch.nn.Module, tokenizer, pairs: Sequence[tup
             start = width - len(rows[row]) + encoded[i].target_start
             out[i] = (preds[row, start - 1:width - 1], ids[row, start:])
     return out
-
-
-def _next_token(logits: Tensor, sampling: str, generator: torch.Generator | None, top_k: int = 5) -> Tensor:
-    """``(B, V)`` last-position logits -> ``(B,)`` next tokens: argmax, or EasyEdit's top-k
-    sampling (softmax at temperature 1, keep the top k, renormalize, multinomial)."""
-    if sampling == "greedy":
-        return logits.argmax(-1)
-    probs, ids = logits.float().softmax(-1).topk(top_k, dim=-1)
-    choice = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)
-    return ids.gather(-1, choice).squeeze(-1)
-
-
-def _kv_cache(out) -> dict:
-    """The KV cache of a forward's output, as the keyword the next forward takes: transformers 5
-    calls it ``cache`` (``past_key_values`` is deprecated there), older releases ``past_key_values``."""
-    name = "cache" if "cache" in out else "past_key_values"
-    return {name: out[name]}
-
-
-@torch.no_grad()
-def generate_texts(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 100,
-                   sampling: str = "greedy", generator: torch.Generator | None = None,
-                   batch_size: int = 16) -> list[str]:
-    """Continues each prompt by ``max_new_tokens`` tokens, batched with left padding and a KV cache.
-
-    EasyEdit's ``generate_fast`` samples top-5 until the *total* length (prompt + new) is 100; here
-    the default is greedy and the count is of *new* tokens, so every prompt gets the same amount of
-    text to score whatever its length (``sampling="top_k"`` gives EasyEdit's sampler). As there,
-    generation does not stop at EOS. Returns prompt + continuation decoded with
-    ``skip_special_tokens``, NFKD-normalized, with ``"\\n\\n"`` replaced by a space.
-    """
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    texts: list[str] = [""] * len(prompts)
-    pad_id, device = _pad_id(tokenizer), _device(model)
-    for batch in _batches([len(e) for e in encoded], batch_size):
-        rows = [encoded[i] for i in batch]
-        ids, mask, positions = _left_pad(rows, pad_id, device)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        new = []
-        for step in range(max_new_tokens):
-            new.append(_next_token(out.logits[:, -1], sampling, generator))
-            if step + 1 == max_new_tokens:
-                break
-            mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=-1)
-            positions = positions[:, -1:] + 1
-            out = model(input_ids=new[-1][:, None], attention_mask=mask, position_ids=positions,
-                        use_cache=True, **_kv_cache(out))
-        continuations = torch.stack(new, dim=-1).tolist() if new else [[] for _ in batch]
-        for row, i in enumerate(batch):
-            text = tokenizer.decode(list(rows[row]) + continuations[row], skip_special_tokens=True)
-            texts[i] = unicodedata.normalize("NFKD", text).replace("\n\n", " ").replace("<|endoftext|>", "")
-    return texts
 
 
 def _jobs(request: EditRequest) -> list[tuple[str, str, str, str]]:
@@ -154,6 +65,10 @@ def _jobs(request: EditRequest) -> list[tuple[str, str, str, str]]:
     return jobs
 
 
+GENERATION_KEYS = (*(f"gen_{field}_{score}" for field in ("edit_success", "rephrase", "portability")
+                     for score in ("em", "contains")), "gen_locality")
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -166,15 +81,19 @@ class EditEvaluator:
     """
 
     def __init__(self, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16, fluency: bool = True,
-                 fluency_sampling: str = "greedy", max_new_tokens: int = 100, seed: int = 0) -> None:
+                 fluency_sampling: str = "greedy", max_new_tokens: int = 100, seed: int = 0,
+                 generation: bool = False, generation_max_tokens: int = 32) -> None:
         if fluency_sampling not in SAMPLINGS:
             raise ValueError(f"fluency_sampling must be one of {SAMPLINGS}, got {fluency_sampling!r}")
         self.tokenizer, self.requests, self.batch_size = tokenizer, list(requests), batch_size
         self.fluency, self.fluency_sampling = fluency, fluency_sampling
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self._jobs = [_jobs(r) for r in self.requests]
+        self.generation, self.generation_max_tokens = generation, generation_max_tokens
         self.pre_locality: list[list[list[int]]] | None = None
         """Per request, the pre-edit argmax ids of each locality job, in job order."""
+        self.pre_answers: list[list[str]] | None = None
+        """With `generation`: per request, the pre-edit greedy answer to each locality prompt."""
 
     def _locality_pairs(self, index: int) -> list[tuple[str, str]]:
         return [(p, a) for field, _, p, a in self._jobs[index] if field == "locality"]
@@ -185,10 +104,14 @@ class EditEvaluator:
         flat = teacher_forced_argmax(model, self.tokenizer, [p for ps in pairs for p in ps], self.batch_size)
         preds = iter(pred.tolist() for pred, _ in flat)
         self.pre_locality = [[next(preds) for _ in ps] for ps in pairs]
+        if self.generation:
+            answers = iter(self._answers(model, [p for ps in pairs for p, _ in ps]))
+            self.pre_answers = [[next(answers) for _ in ps] for ps in pairs]
 
     def state_dict(self) -> dict:
-        """``{"pre_locality": per request, per locality prompt, the pre-edit argmax ids}``; plain lists."""
-        return {"pre_locality": self.pre_locality}
+        """``{"pre_locality": per request, per locality prompt, the pre-edit argmax ids, "pre_answers":
+        the same for generated answers}``; plain lists."""
+        return {"pre_locality": self.pre_locality, "pre_answers": self.pre_answers}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict` (e.g. after a JSON round trip) for a resumed run."""
@@ -196,7 +119,7 @@ class EditEvaluator:
         if pre is not None and (len(pre) != len(self.requests) or any(
                 len(p) != len(self._locality_pairs(i)) for i, p in enumerate(pre))):
             raise ValueError("pre_locality does not match these requests' locality probes")
-        self.pre_locality = pre
+        self.pre_locality, self.pre_answers = pre, state.get("pre_answers")
 
     def evaluate(self, model: torch.nn.Module, indices: Sequence[int] | None = None) -> list[dict]:
         """Per-request rows: ``index, source, edit_success, rephrase, portability {kind: score},
@@ -213,12 +136,42 @@ class EditEvaluator:
             pairs = [(p, a) for i in indices for _, _, p, a in self._jobs[i]]
             preds = teacher_forced_argmax(model, self.tokenizer, pairs, self.batch_size)
             texts = self._generate(model, indices) if self.fluency else [None] * len(indices)
+            answers = iter(self._answers(model, [p for p, _ in pairs]) if self.generation else ())
         finally:
             model.train(was_training)
         refs = self._references(indices, preds)
         scores = iter(token_accuracy(*_pad_pairs([p for p, _ in preds], refs)).tolist())
-        return [self._row(i, [(job, next(scores)) for job in self._jobs[i]], text)
-                for i, text in zip(indices, texts)]
+        rows = []
+        for i, text in zip(indices, texts):
+            row = self._row(i, [(job, next(scores)) for job in self._jobs[i]], text)
+            if self.generation:
+                row.update(self._generation_row(i, [next(answers) for _ in self._jobs[i]]))
+            rows.append(row)
+        return rows
+
+    def edit_success(self, model: torch.nn.Module, indices: Sequence[int]) -> list[float]:
+        """Only the Edit Succ. of these requests: one teacher-forced pass over their edit prompts."""
+        pairs = [(self.requests[i].prompt, self.requests[i].target_new) for i in indices]
+        preds = teacher_forced_argmax(model, self.tokenizer, pairs, self.batch_size)
+        return token_accuracy(*_pad_pairs([p for p, _ in preds], [label for _, label in preds])).tolist()
+
+    def _answers(self, model: torch.nn.Module, prompts: Sequence[str]) -> list[str]:
+        return greedy_answers(model, self.tokenizer, prompts, self.generation_max_tokens, self.batch_size)
+
+    def _generation_row(self, index: int, answers: Sequence[str]) -> dict:
+        """Generated-answer scores of one request: ``gen_<field>_em`` and ``gen_<field>_contains``
+        for edit_success, rephrase and portability (means over prompts), ``gen_locality`` (share
+        of locality answers equal to the pre-edit ones) and ``gen_answer`` (to the edit prompt)."""
+        scores: dict[str, list[float]] = {}
+        pre = iter(self.pre_answers[index] if self.pre_answers is not None else ())
+        for (field, _, _, target), answer in zip(self._jobs[index], answers):
+            if field == "locality":
+                scores.setdefault("gen_locality", []).append(exact_match(answer, next(pre)))
+            else:
+                scores.setdefault(f"gen_{field}_em", []).append(exact_match(answer, target))
+                scores.setdefault(f"gen_{field}_contains", []).append(contains(answer, target))
+        row = {f"gen_{f}_{m}": None for f in ("edit_success", "rephrase", "portability") for m in ("em", "contains")}
+        return {**row, "gen_locality": None, **{k: _mean(v) for k, v in scores.items()}, "gen_answer": answers[0]}
 
     def _references(self, indices: Sequence[int], preds: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
         """What each job's prediction is compared with: its answer tokens, or for locality the
@@ -233,7 +186,7 @@ class EditEvaluator:
         return refs
 
     def _generate(self, model: torch.nn.Module, indices: Sequence[int]) -> list[str]:
-        generator = torch.Generator(device=_device(model)).manual_seed(self.seed)
+        generator = torch.Generator(device=model_device(model)).manual_seed(self.seed)
         return generate_texts(model, self.tokenizer, [self.requests[i].prompt for i in indices],
                               max_new_tokens=self.max_new_tokens, sampling=self.fluency_sampling,
                               generator=generator, batch_size=self.batch_size)
@@ -258,11 +211,13 @@ class EditEvaluator:
     def summarize(rows: Sequence[dict]) -> dict[str, float]:
         """Flat means over rows, accuracies x100 and fluency raw. Keys: ``edit_success``,
         ``rephrase``, ``portability``, ``portability/<kind>``, ``locality``, ``locality/<kind>``,
-        ``fluency``; a key is left out when no row has anything to score for it."""
+        ``fluency``, and with generation ``gen_*`` (see `_generation_row`); a key is left out when
+        no row has anything to score for it."""
         summary: dict[str, float] = {}
-        means = (("edit_success", EditSuccess()), ("rephrase", Generalization()), ("fluency", Fluency()))
+        means = [("edit_success", EditSuccess()), ("rephrase", Generalization()), ("fluency", Fluency())]
+        means += [(key, EditSuccess()) for key in GENERATION_KEYS if any(key in r for r in rows)]
         for key, metric in means:
-            values = [r[key] for r in rows if r[key] is not None]
+            values = [r[key] for r in rows if r.get(key) is not None]
             if values:
                 metric.update(torch.tensor(values, dtype=torch.float64))
                 summary[key] = float(metric.compute()) * (1 if key == "fluency" else 100)
@@ -306,11 +261,12 @@ def format_table(summary: dict[str, float]) -> str:
 
 
 def write_results(path: str | os.PathLike, *, config: dict, model: str, dataset: str, method: str,
-                  rows: Sequence[dict], edit_records: Sequence[dict], summary: dict) -> Path:
+                  rows: Sequence[dict], edit_records: Sequence[dict], summary: dict, **extra) -> Path:
     """Writes one results JSON atomically (temp file + ``os.replace``) and returns its path.
 
-    Layout: ``{config, model, dataset, method, n_edits, summary, requests}``; ``requests[i]`` is
-    ``rows[i]`` merged with ``edit_records[i]`` (cycles, steps, losses, seconds, ...).
+    Layout: ``{config, model, dataset, method, n_edits, summary, requests, **extra}``; ``requests[i]``
+    is ``rows[i]`` merged with ``edit_records[i]`` (cycles, steps, losses, seconds, ...); `extra`
+    holds e.g. the retention ``curve`` and ``capability_before``.
     """
     if len(rows) != len(edit_records):
         raise ValueError(f"{len(rows)} rows but {len(edit_records)} edit records")
@@ -319,7 +275,7 @@ def write_results(path: str | os.PathLike, *, config: dict, model: str, dataset:
             raise ValueError(f"edit record index {record['index']} is not row index {row['index']}")
     results = {"config": config, "model": model, "dataset": dataset, "method": method,
                "n_edits": len(edit_records), "summary": summary,
-               "requests": [{**record, **row} for row, record in zip(rows, edit_records)]}
+               "requests": [{**record, **row} for row, record in zip(rows, edit_records)], **extra}
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(results, indent=2, default=str))
     return Path(path)

@@ -17,12 +17,21 @@ NAMES = {  # name -> path under a data folder (KnowEdit's own layout)
     "knowedit/wikibio": "WikiBio/wikibio-test-all.json",
     "kdpo/zsre": "KDPO_seq/benchmark_ZsRE_ZsRE-test-all_seq.json",
     "kdpo/wikibio": "KDPO_seq/benchmark_WikiBio_wikibio-test-all_seq.json",
+    "general/mmlu": "general/mmlu/mmlu_test.jsonl",
+    "general/hellaswag": "general/hellaswag/hellaswag_validation.jsonl",
+    "general/piqa": "general/piqa/piqa_validation.jsonl",
+    "general/winogrande": "general/winogrande/winogrande_xl_validation.jsonl",
 }
 BUNDLED = {"demo/zsre": DEMO / "zsre.json"}
 WHERE_TO_GET = (
     "Get the KnowEdit data set from the Hugging Face hub (zjunlp/KnowEdit, folder benchmark/) or EasyEdit's "
     "data release (github.com/zjunlp/EasyEdit, 'Datasets'), and put it, keeping its folders, in one of those "
     "places or in a folder named by $KDPO_LIGHTNING_DATA; or set data.path to the file itself."
+)
+WHERE_TO_GET_GENERAL = (
+    "Export the benchmark from the Hugging Face hub (cais/mmlu test, Rowan/hellaswag validation, ybisk/piqa "
+    "validation, allenai/winogrande winogrande_xl validation) as JSON lines to that path under one of those "
+    "places, or under a folder named by $KDPO_LIGHTNING_DATA."
 )
 
 
@@ -47,4 +56,5 @@ def find_data(path: str | os.PathLike) -> Path:
         if candidate.is_file():
             return candidate
     looked = "\n".join(f"  - {c}" for c in tried)
-    raise FileNotFoundError(f"data set {name!r} ({relative}) not found. Looked in:\n{looked}\n{WHERE_TO_GET}")
+    how = WHERE_TO_GET_GENERAL if name.startswith("general/") else WHERE_TO_GET
+    raise FileNotFoundError(f"data set {name!r} ({relative}) not found. Looked in:\n{looked}\n{how}")

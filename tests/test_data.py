@@ -203,10 +203,11 @@ def test_missing_named_data_set_says_where_it_looked_and_where_to_get_it(tmp_pat
     assert "zjunlp/KnowEdit" in message and "EasyEdit" in message
 
 
-def test_default_search_path():
-    dirs = sources.data_dirs()
-    assert dirs[-2] == Path(sources.__file__).resolve().parents[2] / "shared" / "data"
-    assert dirs[-1].parts[-2:] == ("kdpo_lightning", "data")
+def test_default_search_path(monkeypatch):
+    monkeypatch.delenv("KDPO_LIGHTNING_DATA", raising=False)
+    monkeypatch.delenv("KDPO_LIGHTNING_CACHE", raising=False)
+    assert sources.data_dirs() == [Path(sources.__file__).resolve().parents[2] / "shared" / "data",
+                                   Path.home() / ".cache" / "kdpo_lightning" / "data"]
 
 
 def test_file_with_a_byte_order_mark_loads(tmp_path):

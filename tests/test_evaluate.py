@@ -9,8 +9,9 @@ from conftest import tiny_model
 from test_metrics import REQUESTS
 
 from kdpo_lightning.data import encode
+from kdpo_lightning.generation import generate_texts, left_pad
 from kdpo_lightning.evaluate import (
-    EditEvaluator, _left_pad, format_table, generate_texts, teacher_forced_argmax, write_results,
+    EditEvaluator, format_table, teacher_forced_argmax, write_results,
 )
 
 PAIRS = [
@@ -26,7 +27,7 @@ def test_left_padded_batch_matches_one_by_one(arch, tokenizer_name, request):
     tokenizer = request.getfixturevalue(tokenizer_name)
     model = tiny_model(arch)
     rows = [encode(tokenizer, p, a).input_ids for p, a in PAIRS]
-    ids, mask, positions = _left_pad(rows, tokenizer.pad_token_id, torch.device("cpu"))
+    ids, mask, positions = left_pad(rows, tokenizer.pad_token_id, torch.device("cpu"))
     assert (mask == 0).any(), "the batch must contain padding"
     with torch.no_grad():
         batched = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
