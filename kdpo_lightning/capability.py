@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .data import DataError
 from .generation import by_length, left_pad, model_device, pad_token_id
 from .sources import find_data
 
@@ -71,7 +72,12 @@ def load_questions(name: str, n: int | None = None, seed: int = 0) -> list[Quest
     if name not in BENCHMARKS:
         raise ValueError(f"capability benchmark must be one of {sorted(BENCHMARKS)}, got {name!r}")
     path = find_data(f"general/{name}")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):  # not splitlines():
+        try:  # JSON strings may hold U+2028 and other characters it would split at
+            records += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: not valid JSON: {err.msg}") from None
     picks = range(len(records)) if n is None or n >= len(records) else sorted(
         random.Random(seed).sample(range(len(records)), n))
     return [BENCHMARKS[name](records[i]) for i in picks]

@@ -68,6 +68,16 @@ def test_harness_prompt_formats(fixture_data):
     assert wino.continuations == (" always got the easier cases.",) * 2 and wino.label == 1
 
 
+def test_a_json_string_holding_a_line_separator_is_one_record(tmp_path, monkeypatch):
+    """MMLU has questions with U+2028 inside: str.splitlines() would cut those records in two."""
+    (tmp_path / "general" / "mmlu").mkdir(parents=True)
+    record = {"question": "A\u2028B?", "subject": "x", "choices": ["1", "2", "3", "4"], "answer": 0}
+    (tmp_path / "general" / "mmlu" / "mmlu_test.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n")
+    monkeypatch.setattr(sources, "data_dirs", lambda: [tmp_path])
+    (question,) = load_questions("mmlu")
+    assert "A\u2028B?" in question.contexts[0]
+
+
 def test_seeded_subset(fixture_data):
     assert load_questions("mmlu", n=2, seed=1) == load_questions("mmlu", n=2, seed=1)
     assert len(load_questions("mmlu", n=2, seed=1)) == 2 and len(load_questions("mmlu", n=10)) == 3
