@@ -1,98 +1,147 @@
-"""Edit quality of KDPO vs vanilla DPO vs FT-M on SmolLM2-135M, with the paper's protocol.
+"""Edit quality after N sequential edits on SmolLM2-135M: datasets x methods x disjoint seeded subsets,
+with 95% bootstrap confidence intervals. Resumable: finished runs are kept, a stopped one resumes
+from its checkpoint, so a long matrix spans several sittings.
 
-Each run is `kdpo-lightning fit --config configs/demo.yaml` with overrides: sequential edits,
-evaluated after all of them, same-subject filter, 10 cycles x 8 Adam steps, lr 1e-4, beta 0.1,
-layer 20 of 30 trained, fluency from EasyEdit's top-5 sampling (seeded). Results land in bench/results/quality_<dataset>_<method>.json; the
-table is printed as markdown (pasted into bench/README.md).
+Each run is `kdpo-lightning fit --config configs/demo.yaml` with the paper's protocol (sequential
+edits evaluated after all of them, same-subject filter, 10 cycles x 8 Adam steps, lr 1e-4, beta 0.1,
+layer 20 of 30), greedy fluency, generated-answer metrics and Edit Succ. right after each edit.
 
-    python bench/quality.py                      # every dataset and method (hours on 2 CPU cores)
-    python bench/quality.py --datasets zsre wikirecent --methods kdpo ftm
-    python bench/quality.py --table              # only print the table from existing results
+Subsets: the filtered requests of a dataset are shuffled with seed 0; the first TUNE form the tuning
+slice (variants are screened there and it is never reported), then come disjoint subsets of N.
+
+    python bench/quality.py                                   # the whole matrix (many hours on 2 cores)
+    python bench/quality.py --datasets zsre --methods kdpo ftm --subsets 0
+    python bench/quality.py --tune --methods kdpo kdpo_null   # screen on the tuning slice
+    python bench/quality.py --table                           # only the table of what exists
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import report
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "bench" / "results"
-
-DATASETS = {  # name: (file, N)
-    "zsre": ("ZsRE/ZsRE-test-all.json", 100),
-    "wikirecent": ("wiki_recent/recent_train.json", 100),
-    "counterfact": ("wiki_counterfact/train_cf.json", 50),
-    "wikibio": ("WikiBio/wikibio-test-all.json", 50),
+OUT = ROOT / "bench" / "results" / "quality"
+TUNE = 50
+DATASETS = {  # name: (data set name, N per subset, number of subsets)
+    "zsre": ("knowedit/zsre", 100, 3),
+    "wikirecent": ("knowedit/wiki_recent", 100, 3),
+    "counterfact": ("knowedit/wiki_counterfact", 50, 1),
+    "wikibio": ("knowedit/wikibio", 50, 1),
 }
-METHODS = ("kdpo", "dpo", "ftm")
-
-# Paper Table 5, Qwen1.5-0.5B, 100 sequential edits: (Edit Succ., Portability, Locality, Fluency).
-PAPER_QWEN_05B = {
-    "zsre": {"ftm": (77.8, 35.9, 30.0, 4.4), "dpo": (77.4, 43.2, 32.1, 4.4), "kdpo": (85.3, 43.0, 34.9, 4.4)},
-    "counterfact": {"ftm": (63.1, 23.9, 35.1, 4.4), "dpo": (69.2, 26.2, 40.1, 3.6), "kdpo": (73.3, 26.8, 39.1, 3.6)},
-    "wikirecent": {"ftm": (76.1, 35.6, 59.1, 4.9), "dpo": (79.9, 34.4, 50.3, 4.6), "kdpo": (83.5, 34.4, 52.4, 4.9)},
+METHODS = {  # name: overrides of configs/demo.yaml
+    "ftm": ["--model.method", "ftm"],
+    "kdpo": [],
+    "kdpo_null": ["--model.nullspace_threshold", "0.01"],
+    "kdpo_nll": ["--model.nll_alpha", "0.5"],
+    "kdpo_norm": ["--model.max_change", "0.05"],
+    "kdpo_null_nll": ["--model.nullspace_threshold", "0.01", "--model.nll_alpha", "0.5"],
 }
+METRICS = ("edit_success", "edit_success_right_after", "gen_edit_success_em", "gen_edit_success_contains",
+           "rephrase", "portability", "locality", "gen_locality")
 
 
-def result_path(dataset: str, method: str) -> Path:
-    return RESULTS / f"quality_{dataset}_{method}.json"
+def subsets(dataset: str) -> dict[str, list[dict]]:
+    """{"tune": TUNE records, "0": N records, ...}: disjoint, from the same-subject-filtered file."""
+    sys.path.insert(0, str(ROOT))
+    from kdpo_lightning.sources import find_data
+
+    name, n, count = DATASETS[dataset]
+    records = json.loads(find_data(name).read_text(encoding="utf-8-sig"))
+    seen, kept = set(), []
+    for record in records:  # the paper's same-subject filter, on the raw records
+        subject = str(record.get("subject", record.get("concept", ""))).strip()
+        if subject not in seen:
+            kept.append(record)
+        seen.add(subject)
+    random.Random(0).shuffle(kept)
+    parts = {"tune": kept[:TUNE]}
+    for k in range(count):
+        parts[str(k)] = kept[TUNE + k * n : TUNE + (k + 1) * n]
+    return parts
 
 
-def run(dataset: str, method: str, extra: list[str]) -> None:
-    """One sequential-edit experiment through the CLI (a fresh process: no state shared between runs)."""
-    file, n = DATASETS[dataset]
+def run(dataset: str, subset: str, method: str, records: list[dict]) -> Path:
+    """One sequential-edit run in its own process; resumes from its checkpoint if it was stopped."""
+    result = OUT / f"{dataset}_{subset}_{method}.json"
+    if result.exists():
+        return result
+    data = OUT / "subsets" / f"{dataset}_{subset}.json"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text(json.dumps(records, ensure_ascii=False))
+    run_dir = ROOT / "runs" / "quality" / f"{dataset}_{subset}_{method}"
     cmd = [sys.executable, "-m", "kdpo_lightning.cli", "fit", "--config", str(ROOT / "configs/demo.yaml"),
-           "--model.method", method,
-           "--data.path", str(DATA / file), "--data.n_edits", str(n),
-           "--trainer.default_root_dir", str(ROOT / "runs" / f"quality_{dataset}_{method}"),
-           "--checkpoint.every_n_edits", "10", "--model.fluency_sampling", "top_k",
-           "--model.results_path", str(result_path(dataset, method)), *extra]
+           "--data.path", str(data), "--data.n_edits", str(len(records)), "--model.generation_metrics", "true",
+           "--model.eval_every_n_edits", str(len(records)), "--trainer.default_root_dir", str(run_dir),
+           "--checkpoint.every_n_edits", "10", "--model.results_path", str(result), *METHODS[method]]
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
+        cmd += ["--ckpt_path", "last"]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
+    return result
 
 
-def _fmt(value) -> str:
-    return "–" if value is None else f"{value:.1f}"
+def bootstrap(per_subset: list[list[float]], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean x100 and a 95% percentile interval, resampling subsets, then requests within each."""
+    rng = random.Random(seed)
+    values = [v for s in per_subset for v in s]
+    means = []
+    for _ in range(reps):
+        sample = []
+        for s in (rng.choice(per_subset) for _ in per_subset):
+            sample += rng.choices(s, k=len(s))
+        means.append(sum(sample) / len(sample))
+    means.sort()
+    return 100 * sum(values) / len(values), 100 * means[int(0.025 * reps)], 100 * means[int(0.975 * reps) - 1]
 
 
-def table() -> str:
-    """Markdown table of every result present, with the paper's Qwen1.5-0.5B numbers beside it."""
-    head = ("| dataset | method | N | Edit Succ. | Rephrase | Portability | Locality | Fluency | cycles/edit "
-            "| steps/edit | s/edit | paper Qwen1.5-0.5B (Edit/Port/Loc/Flu) |")
+def table(tune: bool = False) -> str:
+    head = "| dataset | method | subsets x N | " + " | ".join(METRICS) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for dataset in DATASETS:
         for method in METHODS:
-            path = result_path(dataset, method)
-            if not path.exists():
+            names = ["tune"] if tune else [str(k) for k in range(DATASETS[dataset][2])]
+            files = [OUT / f"{dataset}_{s}_{method}.json" for s in names]
+            results = [json.loads(f.read_text()) for f in files if f.exists()]
+            if not results:
                 continue
-            res = json.loads(path.read_text())
-            s, reqs = res["summary"], res["requests"]
-            mean = lambda key: sum(r[key] for r in reqs) / len(reqs)  # noqa: E731
-            paper = PAPER_QWEN_05B.get(dataset, {}).get(method)
-            lines.append(
-                f"| {dataset} | {method} | {res['n_edits']} | {_fmt(s.get('edit_success'))} | {_fmt(s.get('rephrase'))} "
-                f"| {_fmt(s.get('portability'))} | {_fmt(s.get('locality'))} | {s.get('fluency', 0):.2f} "
-                f"| {mean('cycles'):.2f} | {mean('steps'):.1f} | {mean('seconds'):.1f} "
-                f"| {'/'.join(_fmt(v) for v in paper) if paper else '–'} |")
+            cells = []
+            for metric in METRICS:
+                per_subset = [[r[metric] for r in res["requests"] if r.get(metric) is not None] for res in results]
+                per_subset = [s for s in per_subset if s]
+                if per_subset:
+                    mean, low, high = bootstrap(per_subset)
+                    cells.append(f"{mean:.1f} [{low:.1f}, {high:.1f}]")
+                else:
+                    cells.append("–")
+            n = f"{len(results)} x {len(results[0]['requests'])}"
+            lines.append(f"| {dataset} | {method} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=["ftm", "kdpo", "kdpo_null_nll", "kdpo_null", "kdpo_nll"],
+                        choices=list(METHODS))
+    parser.add_argument("--subsets", nargs="+", help="report subsets to run (default: all of each dataset)")
+    parser.add_argument("--tune", action="store_true", help="run the tuning slice instead of the report subsets")
     parser.add_argument("--table", action="store_true", help="only print the table of existing results")
-    parser.add_argument("--skip-existing", action="store_true", help="do not rerun a result that exists")
-    args, extra = parser.parse_known_args()
+    args = parser.parse_args()
+    started = report.now()
     if not args.table:
         for dataset in args.datasets:
-            for method in args.methods:
-                if not (args.skip_existing and result_path(dataset, method).exists()):
-                    run(dataset, method, extra)
-    print(table())
+            parts = subsets(dataset)
+            names = ["tune"] if args.tune else (args.subsets or [k for k in parts if k != "tune"])
+            for subset in names:
+                for method in args.methods:
+                    run(dataset, subset, method, parts[subset])
+    report.save("quality_tune" if args.tune else "quality", table(args.tune), started)
 
 
 if __name__ == "__main__":

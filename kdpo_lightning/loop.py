@@ -36,6 +36,8 @@ class EditConfig:
     """Drop the positions where y_w == y_l from the DPO sums (they cancel in the gradient)."""
     early_stop: bool = True
     """Stop once y_l == y_w; False runs every cycle (a fixed schedule, for benchmarks)."""
+    nll_alpha: float = 0.0
+    """Add alpha * NLL(y_w) to the DPO loss (RPO's anchor); 0 is the paper's objective."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -46,6 +48,8 @@ class EditConfig:
         for name in ("lr", "beta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.nll_alpha < 0:
+            raise ValueError(f"nll_alpha must be 0 or more, got {self.nll_alpha}")
 
 
 @dataclass
@@ -127,7 +131,7 @@ def run_edit(
             optimizer.zero_grad(set_to_none=True)
             backward(loss)
             optimizer.step()
-            policy.write_back()
+            policy.step_done()
             losses.append(loss.detach())
             record.steps += 1
         _check_finite(losses, policy)
@@ -145,9 +149,11 @@ def _loss(config: EditConfig, reference, rows: Tensor, inputs: Tensor, y_w: Tens
         return objective.ftm_loss(rows[0], y_w)
     ref_rows = reference.rows(inputs, y_w.numel())
     if config.method == "kdpo":
-        return objective.kdpo_loss(rows[0], ref_rows[0], y_w, y_l, config.beta, config.mask_where_equal)
-    return objective.vanilla_dpo_loss(rows[0], rows[1], ref_rows[0], ref_rows[1], y_w, y_l, config.beta,
-                                      config.mask_where_equal)
+        loss = objective.kdpo_loss(rows[0], ref_rows[0], y_w, y_l, config.beta, config.mask_where_equal)
+    else:
+        loss = objective.vanilla_dpo_loss(rows[0], rows[1], ref_rows[0], ref_rows[1], y_w, y_l, config.beta,
+                                          config.mask_where_equal)
+    return objective.nll_anchored(loss, rows[0], y_w, config.nll_alpha)
 
 
 def _check_finite(losses: list[Tensor], policy: Policy) -> None:

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .data import EditRequest, Encoded, encode
 from .capability import load_questions
+from .constraints import NormBound, NullSpace, cached_covariances
 from .curves import Retention, plot_curve
 from .evaluate import EditEvaluator, format_table, write_results
 from .loop import EditConfig, EditRecord, NonFiniteError, run_edit
@@ -56,6 +57,10 @@ class KDPOEditor(L.LightningModule):
         beta: float = 0.1,
         mask_where_equal: bool = True,
         early_stop: bool = True,
+        nll_alpha: float = 0.0,
+        nullspace_threshold: float | None = None,
+        nullspace_texts: int = 1000,
+        max_change: float | None = None,
         layer: int | None = None,
         trainable: list[str] | None = None,
         reference: str | None = None,
@@ -89,6 +94,13 @@ class KDPOEditor(L.LightningModule):
             beta: DPO temperature (paper: 0.1).
             mask_where_equal: drop positions where y_w == y_l from the DPO sums.
             early_stop: stop an edit once y_l == y_w (False: fixed schedule, for benchmarks).
+            nll_alpha: add alpha * NLL(y_w) to the DPO loss (RPO's anchor); 0: the paper's loss.
+            nullspace_threshold: project every update onto the null space of preserved keys (the
+                trained projection's inputs on generic text) and of earlier edits' keys (AlphaEdit):
+                directions whose covariance eigenvalue is below threshold x the largest. None: off.
+            nullspace_texts: HellaSwag contexts and MMLU questions each, for the preserved keys.
+            max_change: keep ||W - W_0|| <= max_change x ||W_0|| (Frobenius), W_0 the tensor before
+                the first edit. None: off.
             layer: decoder layer whose MLP down-projection is trained (default: 2/3 of the depth).
             trainable: regexes of parameter names to train instead of the default tensor.
             reference: cached (KDPO default), swap (vanilla DPO default) or copy.
@@ -124,7 +136,7 @@ class KDPOEditor(L.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trained tensors
-        self.config = EditConfig(method, n_cycles, n_steps, lr, beta, mask_where_equal, early_stop)
+        self.config = EditConfig(method, n_cycles, n_steps, lr, beta, mask_where_equal, early_stop, nll_alpha)
         self.reference_name = reference if reference is not None else DEFAULT_REFERENCE[method]
         if method == "dpo" and self.reference_name == "cached":
             raise ValueError("vanilla DPO scores y_l in a new context every cycle: use reference 'swap' or 'copy'")
@@ -199,6 +211,7 @@ class KDPOEditor(L.LightningModule):
     def edit(self, request: EditRequest | Encoded) -> EditRecord:
         """Apply one edit without a Trainer (plain PyTorch), with a fresh Adam. Returns its record."""
         self.load()
+        self._ensure_constraints()
         encoded = request if isinstance(request, Encoded) else self.encode(request)
         input_ids = torch.tensor([encoded.input_ids], device=self._lm_device())
         optimizer = torch.optim.Adam(self.policy.params.values(), lr=self.config.lr)
@@ -232,6 +245,7 @@ class KDPOEditor(L.LightningModule):
 
     def on_fit_start(self) -> None:
         check_edit_mode(self.hparams.edit_mode, self.trainer.world_size)
+        self._ensure_constraints()
         self._check_lengths()
         self._start_evaluation()
         if self._single():
@@ -372,7 +386,8 @@ class KDPOEditor(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {f"lm.{k}": v.detach().cpu() for k, v in self.policy.params.items()}
         checkpoint["kdpo"] = {"records": self.records, "rows": self.rows, "evaluator": self.evaluator.state_dict(),
-                              "retention": self.retention.state_dict(), "rng": torch.get_rng_state()}
+                              "retention": self.retention.state_dict(), "rng": torch.get_rng_state(),
+                              "constraints": [c.state_dict() for c in self.policy.constraints]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.policy.load_values({k.removeprefix("lm."): v for k, v in checkpoint.pop("state_dict").items()})
@@ -381,17 +396,36 @@ class KDPOEditor(L.LightningModule):
         self.records = {int(k): v for k, v in state["records"].items()}
         self.n_succeeded = sum(r["success"] for r in self.records.values())
         self.rows = {int(k): v for k, v in state["rows"].items()}
-        self._restored = {"evaluator": state["evaluator"], "retention": state["retention"]}
+        self._restored = {"evaluator": state["evaluator"], "retention": state["retention"],
+                          "constraints": state["constraints"]}
         torch.set_rng_state(state["rng"])
 
     def _edit(self, input_ids: Tensor, target_start: int, optimizer, backward) -> EditRecord:
         """Run one edit; on a non-finite loss or weight, restore the pre-edit tensors and mark it failed."""
         before = self.policy.original_values()
         try:
-            return run_edit(self.policy, self.reference, input_ids, target_start, self.config, optimizer, backward)
+            record = run_edit(self.policy, self.reference, input_ids, target_start, self.config, optimizer, backward)
         except NonFiniteError as err:
             self.policy.load_values(before)
             return EditRecord(failed=str(err))
+        for constraint in self.policy.constraints:
+            if isinstance(constraint, NullSpace) and not self._single():  # protect this edit from the next ones
+                constraint.add_edit(input_ids, target_start)
+        return record
+
+    def _ensure_constraints(self) -> None:
+        """Build the update constraints once (the null space's covariance is cached on disk)."""
+        hp = self.hparams
+        if self.policy.constraints or (hp.nullspace_threshold is None and hp.max_change is None):
+            return
+        if hp.nullspace_threshold is not None:
+            covariances = cached_covariances(self.lm, self.tokenizer, list(self.policy.params), hp.nullspace_texts,
+                                             hp.name_or_path, self._lm_device())
+            self.policy.constraints.append(NullSpace(self.lm, covariances, hp.nullspace_threshold))
+        if hp.max_change is not None:
+            self.policy.constraints.append(NormBound(self.policy.params, hp.max_change))
+        for constraint, state in zip(self.policy.constraints, self._restored.get("constraints", [])):
+            constraint.load_state_dict(state)
 
     def _lm_device(self) -> torch.device:
         return next(self.lm.parameters()).device

@@ -70,3 +70,26 @@ def vanilla_dpo_loss(
 def ftm_loss(rows: Tensor, y_w: Tensor) -> Tensor:
     """FT-M: cross-entropy on the y_w tokens only (the prompt is masked out). Rows (T, V), y_w (T,)."""
     return -token_logps(rows, y_w).mean()
+
+
+def nll_anchored(loss: Tensor, rows: Tensor, y_w: Tensor, alpha: float) -> Tensor:
+    """DPO + alpha * NLL(y_w) (RPO; EasyEdit's DPO): keeps the chosen answer's likelihood rising,
+    not only its margin over y_l. Rows (T, V), y_w (T,); alpha 0 returns `loss` unchanged."""
+    return loss + alpha * ftm_loss(rows, y_w) if alpha else loss
+
+
+def null_space_projector(covariance: Tensor, threshold: float) -> Tensor:
+    """P = U U^T over the eigenvectors of the keys' covariance (I, I) whose eigenvalues are below
+    `threshold`: an update dW P leaves (dW P) k ~ 0 for every preserved key k (AlphaEdit)."""
+    values, vectors = torch.linalg.eigh(covariance.double())
+    null = vectors[:, values < threshold]
+    return (null @ null.T).to(covariance.dtype)
+
+
+def bound_change(weight: Tensor, original: Tensor, max_ratio: float) -> Tensor:
+    """`weight` with its change from `original` scaled down to at most max_ratio * ||original||_F
+    (Frobenius); unchanged when already within the bound."""
+    change = weight - original
+    limit = max_ratio * original.norm()
+    norm = change.norm()
+    return original + change * (limit / norm) if norm > limit else weight

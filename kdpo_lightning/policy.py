@@ -155,6 +155,9 @@ class Policy:
             else:
                 self.params[name] = param.detach().float().requires_grad_()
                 param.register_post_accumulate_grad_hook(_route_grad(self.params[name]))
+        self.constraints: list = []
+        """Applied to each optimizer step's update in `step_done` (see `constraints.py`)."""
+        self._previous: dict[str, Tensor] = {}
         self.start, self._lower = self._fixed_layers() if prefix_cache else (None, [])
         """The prefix cache replays the layers `_lower` (0..start-1); start None: it is off."""
         self._prefixes = PerInput()
@@ -181,6 +184,18 @@ class Policy:
             param = self.model_params[name]
             if value is not param and value.device != param.device:
                 value.data = value.data.to(param.device)
+        if self.constraints:
+            self._previous = self.original_values()
+
+    def step_done(self) -> None:
+        """After an optimizer step: constrain the step's update, then round into the model."""
+        if self.constraints:
+            with torch.no_grad():
+                for name, value in self.params.items():
+                    for constraint in self.constraints:
+                        constraint.apply(name, value, self._previous[name])
+            self._previous = self.original_values()
+        self.write_back()
 
     def write_back(self) -> None:
         """Round the fp32 masters into the model's tensors; call after every optimizer step."""

@@ -38,8 +38,9 @@ WHERE_TO_GET_GENERAL = (
 def data_dirs() -> list[Path]:
     """The search path for named data sets, in order."""
     env = [Path(p).expanduser() for p in os.environ.get("KDPO_LIGHTNING_DATA", "").split(os.pathsep) if p]
-    cache = Path(os.environ.get("KDPO_LIGHTNING_CACHE", "~/.cache/kdpo_lightning")).expanduser()
-    return [*env, Path(__file__).resolve().parents[2] / "shared" / "data", cache / "data"]
+    from .models import cache_root
+
+    return [*env, Path(__file__).resolve().parents[2] / "shared" / "data", cache_root() / "data"]
 
 
 def find_data(path: str | os.PathLike) -> Path:

@@ -1,0 +1,145 @@
+"""Constraints on the trained tensors, applied after every optimizer step, against forgetting in
+long edit sequences (the objective's other variant, the NLL anchor, is in `objective.py`).
+
+- `NullSpace` (AlphaEdit, Fang et al. 2025): each step's update dW is replaced by dW P, P the
+  projector onto the null space of the keys (inputs of the trained projection) of preserved text
+  and of earlier edits, so (dW P) k ~ 0 for those keys: their outputs do not move.
+- `NormBound` (ENCORE, NAS): the change of the tensor since the first edit is kept within a
+  fraction of its norm.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from .objective import bound_change, null_space_projector
+
+
+class NormBound:
+    """||W - W_0||_F <= max_ratio * ||W_0||_F, W_0 the tensor before the first edit."""
+
+    def __init__(self, params: dict[str, Tensor], max_ratio: float) -> None:
+        if not max_ratio > 0:
+            raise ValueError(f"max_change must be positive, got {max_ratio}")
+        self.max_ratio = max_ratio
+        self.original = {name: p.detach().clone() for name, p in params.items()}
+
+    def apply(self, name: str, value: Tensor, previous: Tensor) -> None:
+        value.copy_(bound_change(value, self.original[name].to(value.device), self.max_ratio))
+
+    def state_dict(self) -> dict:
+        return {"original": self.original}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.original = state["original"]
+
+
+def projection_module(model: nn.Module, name: str) -> nn.Module:
+    """The Linear or Conv1D that owns parameter `name` (a `.weight`)."""
+    module = model.get_submodule(name.rsplit(".", 1)[0])
+    if not isinstance(module, (nn.Linear, Conv1D)) or not name.endswith(".weight"):
+        raise ValueError(f"the null-space constraint needs Linear/Conv1D weights; {name} is not one")
+    return module
+
+
+@torch.no_grad()
+def key_covariance(model: nn.Module, module: nn.Module, batches: Sequence[Tensor]) -> Tensor:
+    """Mean k k^T over every token's input k to `module` when the model reads `batches` of ids."""
+    total, count = None, 0
+
+    def hook(mod, args):
+        nonlocal total, count
+        keys = args[0].reshape(-1, args[0].shape[-1]).double()
+        total = keys.T @ keys if total is None else total + keys.T @ keys
+        count += keys.shape[0]
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for ids in batches:
+            model(input_ids=ids, use_cache=False)
+    finally:
+        handle.remove()
+    return (total / count).float()
+
+
+class NullSpace:
+    """Projects every step's update of each trained weight onto the null space of preserved keys
+    (a covariance per weight, computed once per model and cached) plus the keys of earlier edits."""
+
+    def __init__(self, model: nn.Module, covariances: dict[str, Tensor], threshold: float) -> None:
+        self.model, self.threshold = model, threshold
+        self.preserved = covariances
+        self.edited = {name: torch.zeros_like(c) for name, c in covariances.items()}
+        self.n_edits = 0
+        self.projectors: dict[str, Tensor] = {}
+        for name in covariances:
+            self._update_projector(name)
+        self.layout = {name: isinstance(projection_module(model, name), Conv1D) for name in covariances}
+
+    def state_dict(self) -> dict:
+        return {"edited": self.edited, "n_edits": self.n_edits}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.edited, self.n_edits = state["edited"], state["n_edits"]
+        for name in self.preserved:
+            self._update_projector(name)
+
+    def _update_projector(self, name: str) -> None:
+        covariance = self.preserved[name] + (self.edited[name] / self.n_edits if self.n_edits else 0)
+        self.projectors[name] = null_space_projector(
+            covariance, self.threshold * float(torch.linalg.eigvalsh(covariance.double()).max()))
+
+    def apply(self, name: str, value: Tensor, previous: Tensor) -> None:
+        delta, P = value - previous, self.projectors[name].to(value.device)
+        value.copy_(previous + (P @ delta if self.layout[name] else delta @ P))
+
+    @torch.no_grad()
+    def add_edit(self, input_ids: Tensor, target_start: int) -> None:
+        """Protect an applied edit too: add its keys at the positions that predict y_w (the mean
+        over edits, weighted like the preserved set) and recompute the projectors."""
+        self.n_edits += 1
+        for name in self.preserved:
+            keys = []
+            handle = projection_module(self.model, name).register_forward_pre_hook(
+                lambda mod, args: keys.append(args[0][0, target_start - 1 : -1].double()))
+            try:
+                self.model(input_ids=input_ids, use_cache=False)
+            finally:
+                handle.remove()
+            k = keys[0]
+            self.edited[name] += ((k.T @ k) / k.shape[0]).float().to(self.edited[name].device)
+            self._update_projector(name)
+
+
+def preserved_batches(tokenizer, n: int, seed: int, device: torch.device) -> list[Tensor]:
+    """Generic text whose keys the null space preserves: `n` HellaSwag contexts and `n` MMLU
+    questions (found on the data search path as general/*), one sequence per batch."""
+    from .capability import load_questions
+
+    texts = [q.contexts[0] for name in ("hellaswag", "mmlu") for q in load_questions(name, n, seed)]
+    return [torch.tensor([tokenizer(t)["input_ids"]], device=device) for t in texts]
+
+
+def cached_covariances(model: nn.Module, tokenizer, names: Sequence[str], n_texts: int, model_id: str,
+                       device: torch.device) -> dict[str, Tensor]:
+    """The preserved-key covariance of each trained weight, computed once per (model, weights, texts)
+    and kept under the kdpo-lightning cache as safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    from .models import cache_root
+    from .saving import atomic_write
+
+    key = hashlib.sha256(json.dumps([model_id, sorted(names), n_texts]).encode()).hexdigest()[:16]
+    path = cache_root() / "covariance" / f"{key}.safetensors"
+    if path.is_file():
+        return load_file(str(path))
+    batches = preserved_batches(tokenizer, n_texts, 0, device)
+    covariances = {name: key_covariance(model, projection_module(model, name), batches).cpu() for name in names}
+    with atomic_write(path) as tmp:
+        save_file(covariances, str(tmp))
+    return covariances
