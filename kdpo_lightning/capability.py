@@ -87,23 +87,30 @@ def load_questions(name: str, n: int | None = None, seed: int = 0) -> list[Quest
 def loglikelihoods(model: torch.nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
                    batch_size: int = 16) -> list[float]:
     """Summed log p(continuation | context) per pair. The continuation's tokens are those of
-    context + continuation after the context's own tokens, as in the harness."""
-    rows, starts = [], []
+    context + continuation after the context's own tokens, as in the harness. Each distinct input
+    (the tokens but the last) runs once: MMLU's four one-token answers share one forward, and only
+    the rows predicting continuation tokens go through the LM head."""
+    rows, lengths = [], []
     for context, continuation in pairs:
         rows.append(tokenizer(context + continuation)["input_ids"])
-        starts.append(len(tokenizer(context)["input_ids"]))
-    out = [0.0] * len(rows)
+        lengths.append(len(rows[-1]) - len(tokenizer(context)["input_ids"]))
+    need: dict[tuple[int, ...], int] = {}  # distinct input -> most continuation tokens scored on it
+    for row, n in zip(rows, lengths):
+        need[tuple(row[:-1])] = max(need.get(tuple(row[:-1]), 0), n)
+    inputs, logps = list(need), {}
     pad, device = pad_token_id(tokenizer), model_device(model)
-    for batch in by_length([len(r) for r in rows], batch_size):
-        ids, mask, positions = left_pad([rows[i] for i in batch], pad, device)
-        logps = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                      use_cache=False).logits.float().log_softmax(-1)
-        width = ids.shape[1]
-        for row, i in enumerate(batch):
-            first = width - len(rows[i]) + starts[i]  # position of the first continuation token
-            targets = ids[row, first:]
-            out[i] = float(logps[row, first - 1 : width - 1].gather(-1, targets[:, None]).sum())
-    return out
+    for batch in by_length([len(x) for x in inputs], batch_size):
+        ids, mask, positions = left_pad([inputs[j] for j in batch], pad, device)
+        keep = max(need[inputs[j]] for j in batch)  # rows end together: the last `keep` positions
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                    logits_to_keep=keep).logits.float().log_softmax(-1)  # (B, keep, V)
+        for r, j in enumerate(batch):
+            logps[inputs[j]] = out[r]
+    scores = []
+    for row, n in zip(rows, lengths):
+        rows_for_row = logps[tuple(row[:-1])][-n:]  # the n positions predicting the continuation
+        scores.append(float(rows_for_row.gather(-1, torch.tensor(row[-n:], device=device)[:, None]).sum()))
+    return scores
 
 
 def score(model: torch.nn.Module, tokenizer, name: str, questions: Sequence[Question],

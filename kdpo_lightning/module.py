@@ -338,7 +338,12 @@ class KDPOEditor(L.LightningModule):
         """Summarize, write the results JSON, log the final metrics, print the table."""
         retention = self.retention
         rows, records = [self.rows[i] for i in indices], [self.records.get(i, {}) for i in indices]
-        summary = {**self.evaluator.summarize(rows), **retention.capability(self.lm, self.tokenizer)}
+        last = retention.curve[-1] if retention.curve and self._fitting() else {}
+        if last.get("edits") == len(self.records):  # the last curve point measured this same model
+            capability = {k: v for k, v in last.items() if k.startswith("capability/")}
+        else:
+            capability = retention.capability(self.lm, self.tokenizer)
+        summary = {**self.evaluator.summarize(rows), **capability}
         if self.records:
             summary["edits_succeeded"] = 100.0 * sum(r["success"] for r in records) / len(records)
         if retention.right_after:
