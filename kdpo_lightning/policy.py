@@ -133,6 +133,8 @@ def _route_grad(master: Tensor) -> Callable[[Tensor], None]:
     """A post-accumulate-grad hook moving a low-precision parameter's gradient into its fp32 master."""
 
     def hook(param: Tensor) -> None:
+        if param.grad is None:  # already taken by the hook of an earlier Policy on the same model
+            return
         grad = param.grad.float()
         master.grad = grad if master.grad is None else master.grad + grad
         param.grad = None
