@@ -361,7 +361,8 @@ class KDPOEditor(L.LightningModule):
                              method=self.hparams.method, rows=rows, edit_records=records, summary=summary,
                              curve=retention.curve, capability_before=retention.capability_before)
         if retention.curve:
-            print(f"Retention curve plotted to {plot_curve(retention.curve, Path(path).with_suffix('.curve.png'))}")
+            title = f"{self.hparams.name_or_path}, {self.hparams.method}, {dm.hparams.path}"
+            print(f"Retention curve plotted to {plot_curve(retention.curve, Path(path).with_suffix('.curve.png'), title)}")
         if self.logger is not None:
             self.logger.log_metrics({f"final/{k}": v for k, v in summary.items()}, step=len(indices))
             self.logger.log_hyperparams(self._plain_hparams(), {f"hp/{k}": v for k, v in summary.items()})
