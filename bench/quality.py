@@ -43,7 +43,7 @@ METHODS = {  # name: overrides of configs/demo.yaml
     "kdpo_null_nll": ["--model.nullspace_threshold", "0.01", "--model.nll_alpha", "0.5"],
 }
 METRICS = ("edit_success", "edit_success_right_after", "gen_edit_success_em", "gen_edit_success_contains",
-           "rephrase", "portability", "locality", "gen_locality")
+           "rephrase", "portability_mean", "locality_mean", "gen_locality")
 
 
 def subsets(dataset: str) -> dict[str, list[dict]]:
