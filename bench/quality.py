@@ -38,6 +38,7 @@ METHODS = {  # name: overrides of configs/demo.yaml
     "ftm": ["--model.method", "ftm"],
     "kdpo": [],
     "kdpo_null": ["--model.nullspace_threshold", "0.01"],
+    "kdpo_null10": ["--model.nullspace_threshold", "0.1"],
     "kdpo_nll": ["--model.nll_alpha", "0.5"],
     "kdpo_norm": ["--model.max_change", "0.05"],
     "kdpo_null_nll": ["--model.nullspace_threshold", "0.01", "--model.nll_alpha", "0.5"],
