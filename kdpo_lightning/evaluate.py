@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch

@@ -4,7 +4,7 @@ import json
 import sys
 
 import pytest
-from conftest import DEMO_ZSRE, FIXTURES, make_bpe_tokenizer, tiny_model
+from conftest import DEMO_ZSRE, FIXTURES
 
 from kdpo_lightning import sources
 from kdpo_lightning.cli import main
@@ -45,7 +45,6 @@ def test_curve_right_after_and_capability(tiny_llama_dir, tmp_path):
 
     # Independently: the same edits in plain PyTorch; full evaluation of each request right after its edit,
     # and of the first 3 after 3 edits.
-    tokenizer = make_bpe_tokenizer()
     dm = SequentialEditDataModule(str(DEMO_ZSRE), n_edits=6)
     dm.setup()
     from kdpo_lightning.models import load_model
