@@ -91,8 +91,7 @@ class NullSpace:
 
     def _update_projector(self, name: str) -> None:
         covariance = self.preserved[name] + (self.edited[name] / self.n_edits if self.n_edits else 0)
-        self.projectors[name] = null_space_projector(
-            covariance, self.threshold * float(torch.linalg.eigvalsh(covariance.double()).max()))
+        self.projectors[name] = null_space_projector(covariance, self.threshold)
 
     def apply(self, name: str, value: Tensor, previous: Tensor) -> None:
         delta, P = value - previous, self.projectors[name].to(value.device)
