@@ -9,7 +9,7 @@ layer 20 of 30), greedy fluency, generated-answer metrics and Edit Succ. right a
 Subsets: the filtered requests of a dataset are shuffled with seed 0; the first TUNE form the tuning
 slice (variants are screened there and it is never reported), then come disjoint subsets of N.
 
-    python bench/quality.py                                   # the whole matrix (many hours on 2 cores)
+    python bench/quality.py --jobs 2                          # the report matrix, 2 runs at once (hours)
     python bench/quality.py --datasets zsre --methods kdpo ftm --subsets 0
     python bench/quality.py --tune --methods kdpo kdpo_null   # screen on the tuning slice
     python bench/quality.py --table                           # only the table of what exists
@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import report
@@ -67,23 +69,22 @@ def subsets(dataset: str) -> dict[str, list[dict]]:
     return parts
 
 
-def run(dataset: str, subset: str, method: str, records: list[dict]) -> Path:
-    """One sequential-edit run in its own process; resumes from its checkpoint if it was stopped."""
+def run(dataset: str, subset: str, method: str, n: int, threads: int) -> Path:
+    """One sequential-edit run in its own process with `threads` CPU threads; resumes from its
+    checkpoint if it was stopped."""
     result = OUT / f"{dataset}_{subset}_{method}.json"
     if result.exists():
         return result
     data = OUT / "subsets" / f"{dataset}_{subset}.json"
-    data.parent.mkdir(parents=True, exist_ok=True)
-    data.write_text(json.dumps(records, ensure_ascii=False))
     run_dir = ROOT / "runs" / "quality" / f"{dataset}_{subset}_{method}"
     cmd = [sys.executable, "-m", "kdpo_lightning.cli", "fit", "--config", str(ROOT / "configs/demo.yaml"),
-           "--data.path", str(data), "--data.n_edits", str(len(records)), "--model.generation_metrics", "true",
-           "--model.eval_every_n_edits", str(len(records)), "--trainer.default_root_dir", str(run_dir),
+           "--data.path", str(data), "--data.n_edits", str(n), "--model.generation_metrics", "true",
+           "--model.eval_every_n_edits", str(n), "--trainer.default_root_dir", str(run_dir),
            "--checkpoint.every_n_edits", "10", "--model.results_path", str(result), *METHODS[method]]
     if (run_dir / "checkpoints" / "last.ckpt").exists():
         cmd += ["--ckpt_path", "last"]
     print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     return result
 
 
@@ -125,23 +126,35 @@ def table(tune: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _order(job: tuple) -> tuple:
+    dataset, subset, method, _ = job
+    return (subset, list(DATASETS).index(dataset), list(METHODS).index(method))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--methods", nargs="+", default=["ftm", "kdpo", "kdpo_null_nll", "kdpo_null", "kdpo_nll"],
+    parser.add_argument("--methods", nargs="+", default=["ftm", "kdpo", "kdpo_nll"],
                         choices=list(METHODS))
     parser.add_argument("--subsets", nargs="+", help="report subsets to run (default: all of each dataset)")
     parser.add_argument("--tune", action="store_true", help="run the tuning slice instead of the report subsets")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, sharing the CPU cores")
     parser.add_argument("--table", action="store_true", help="only print the table of existing results")
     args = parser.parse_args()
     started = report.now()
     if not args.table:
+        jobs = []  # subset-major: the first subset of every dataset before the second of any
         for dataset in args.datasets:
-            parts = subsets(dataset)
-            names = ["tune"] if args.tune else (args.subsets or [k for k in parts if k != "tune"])
-            for subset in names:
-                for method in args.methods:
-                    run(dataset, subset, method, parts[subset])
+            for subset, records in subsets(dataset).items():
+                if (subset == "tune") == args.tune and (args.tune or not args.subsets or subset in args.subsets):
+                    path = OUT / "subsets" / f"{dataset}_{subset}.json"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(records, ensure_ascii=False))
+                    jobs += [(dataset, subset, method, len(records)) for method in args.methods]
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for future in [pool.submit(run, *job, threads) for job in sorted(jobs, key=_order)]:
+                future.result()  # a failed run stops the matrix with its error
     report.save("quality_tune" if args.tune else "quality", table(args.tune), started)
 
 

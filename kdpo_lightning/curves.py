@@ -49,6 +49,7 @@ class Retention:
         self.curve: list[dict] = []
         self.right_after: dict[int, float] = {}
         self.capability_before: dict[str, float] = {}
+        self._latest: tuple[int, list[dict]] = (0, [])  # (edits applied, rows) of the last curve evaluation
 
     def capability(self, model, tokenizer) -> dict[str, float]:
         """{"capability/<benchmark>/<acc|acc_norm>": x100} on the current model."""
@@ -65,8 +66,15 @@ class Retention:
         self.right_after[index] = evaluator.edit_success(model, [index])[0]
         if len(edited) % self.every:
             return None
-        summary = evaluator.summarize(evaluator.evaluate(model, edited))
+        rows = evaluator.evaluate(model, edited)
+        self._latest = (len(edited), rows)
+        summary = evaluator.summarize(rows)
         return self.add_point(len(edited), {**summary, **self.capability(model, tokenizer)})
+
+    def rows_after(self, edits: int) -> list[dict] | None:
+        """The rows of the curve point at `edits` edits if it is the last one evaluated in this process:
+        the after-all evaluation of the same model need not run again."""
+        return self._latest[1] if self._latest[0] == edits else None
 
     def add_point(self, edits: int, summary: dict) -> dict:
         point = {"edits": edits, **{k: v for k, v in summary.items() if k != "edits_succeeded"}}

@@ -267,7 +267,8 @@ class KDPOEditor(L.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.eval_mode == "after_all" and not self._single():
             indices = sorted(self.records)
-            self.rows = {row["index"]: row for row in self.evaluator.evaluate(self.lm, indices)}
+            rows = self.retention.rows_after(len(indices)) or self.evaluator.evaluate(self.lm, indices)
+            self.rows = {row["index"]: row for row in rows}
         self._gather()
         indices = sorted(self.records)
         self._finish(indices)

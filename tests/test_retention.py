@@ -61,6 +61,9 @@ def test_curve_right_after_and_capability(tiny_llama_dir, tmp_path):
             first = evaluator.summarize(evaluator.evaluate(editor.lm, [0, 1, 2]))
             assert curve[0]["edit_success"] == pytest.approx(first["edit_success"], abs=1e-9)
             assert curve[0]["locality"] == pytest.approx(first["locality"], abs=1e-9)
+    final = evaluator.summarize(evaluator.evaluate(editor.lm, range(6)))  # the after-all rows, computed apart
+    for key in ("edit_success", "rephrase", "locality", "portability"):
+        assert summary[key] == pytest.approx(final[key], abs=1e-9), key
     mean_after = 100 * sum(r["edit_success_right_after"] for r in results["requests"]) / 6
     assert summary["edit_success_right_after"] == pytest.approx(mean_after)
 
