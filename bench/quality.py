@@ -126,6 +126,41 @@ def table(tune: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _results(dataset: str, subset: str, method: str) -> dict | None:
+    path = OUT / f"{dataset}_{subset}_{method}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def paired(dataset: str, a: str, b: str, metric: str) -> tuple[float, float, float] | None:
+    """Mean and 95% interval of `a - b` in `metric` (points), paired by request over the subsets both ran."""
+    per_subset = []
+    for subset in map(str, range(DATASETS[dataset][2])):
+        ra, rb = _results(dataset, subset, a), _results(dataset, subset, b)
+        if ra and rb:
+            other = {r["index"]: r.get(metric) for r in rb["requests"]}
+            per_subset.append([r[metric] - other[r["index"]] for r in ra["requests"]
+                               if r.get(metric) is not None and other.get(r["index"]) is not None])
+    return bootstrap(per_subset) if per_subset else None
+
+
+def verdict(best: str, baselines: tuple[str, str] = ("ftm", "kdpo")) -> str:
+    """Per dataset: does `best` beat both baselines in Edit Succ. (paired interval above 0) with
+    Locality no worse than the better baseline's (paired interval reaching 0)?"""
+    fmt = "{:+.1f} [{:+.1f}, {:+.1f}]".format
+    lines = [f"| dataset | {best} - {baselines[0]}: Edit Succ. | {best} - {baselines[1]}: Edit Succ. | "
+             "better locality | Locality difference | beats both, locality kept |", "|---|---|---|---|---|---|"]
+    for dataset in DATASETS:
+        edit = [paired(dataset, best, b, "edit_success") for b in baselines]
+        local = {b: paired(dataset, best, b, "locality_mean") for b in baselines}
+        if None in edit or None in local.values():
+            continue
+        keeper = min(baselines, key=lambda b: local[b][0])  # the baseline whose locality is higher
+        answer = all(low > 0 for _, low, _ in edit) and local[keeper][2] >= 0
+        lines.append(f"| {dataset} | {fmt(*edit[0])} | {fmt(*edit[1])} | {keeper} | {fmt(*local[keeper])} | "
+                     f"{'yes' if answer else 'no'} |")
+    return "\n".join(lines)
+
+
 def _order(job: tuple) -> tuple:
     dataset, subset, method, _ = job
     return (subset, list(DATASETS).index(dataset), list(METHODS).index(method))
@@ -138,6 +173,8 @@ def main() -> None:
                         choices=list(METHODS))
     parser.add_argument("--subsets", nargs="+", help="report subsets to run (default: all of each dataset)")
     parser.add_argument("--tune", action="store_true", help="run the tuning slice instead of the report subsets")
+    parser.add_argument("--best", default="kdpo_nll", choices=list(METHODS),
+                        help="the variant compared with FT-M and paper KDPO, paired by request")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, sharing the CPU cores")
     parser.add_argument("--table", action="store_true", help="only print the table of existing results")
     args = parser.parse_args()
@@ -155,7 +192,8 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             for future in [pool.submit(run, *job, threads) for job in sorted(jobs, key=_order)]:
                 future.result()  # a failed run stops the matrix with its error
-    report.save("quality_tune" if args.tune else "quality", table(args.tune), started)
+    result = table(args.tune) if args.tune else table() + "\n\n" + verdict(args.best)
+    report.save("quality_tune" if args.tune else "quality", result, started)
 
 
 if __name__ == "__main__":
