@@ -108,8 +108,7 @@ def table(tune: bool = False) -> str:
     for dataset in DATASETS:
         for method in METHODS:
             names = ["tune"] if tune else [str(k) for k in range(DATASETS[dataset][2])]
-            files = [OUT / f"{dataset}_{s}_{method}.json" for s in names]
-            results = [json.loads(f.read_text()) for f in files if f.exists()]
+            results = [r for r in (_results(dataset, s, method) for s in names) if r]
             if not results:
                 continue
             cells = []
