@@ -275,6 +275,7 @@ def run_lightning(model, layer, edits, warmup, cfg, device, tokenizer) -> dict:
     import lightning as L
     from torch.utils.data import DataLoader
 
+    from kdpo_lightning.curves import Retention
     from kdpo_lightning.data import Encoded
     from kdpo_lightning.module import KDPOEditor
 
@@ -283,7 +284,7 @@ def run_lightning(model, layer, edits, warmup, cfg, device, tokenizer) -> dict:
         a datamodule of requests, and scoring is not editing); `training_step` is the package's."""
 
         def on_fit_start(self) -> None:
-            pass
+            self.retention = Retention(every=None, questions={})  # no curve: records nothing per edit
 
         def on_train_end(self) -> None:
             pass
