@@ -18,6 +18,8 @@ from transformers import (
 )
 
 torch.set_num_threads(1)  # tiny models: threads only add contention on small CI machines
+if os.environ.get("KDPO_TEST_DEVICE"):  # e.g. cuda: build the tiny models and tensors on a GPU (bench/gpu_check.sh)
+    torch.set_default_device(os.environ["KDPO_TEST_DEVICE"])
 
 from kdpo_lightning.sources import BUNDLED, data_dirs
 
