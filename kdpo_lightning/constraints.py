@@ -47,24 +47,40 @@ def projection_module(model: nn.Module, name: str) -> nn.Module:
     return module
 
 
+class _KeysSeen(Exception):
+    """Stops a forward once every hooked projection has seen its input: the layers above add nothing."""
+
+
 @torch.no_grad()
-def key_covariance(model: nn.Module, module: nn.Module, batches: Sequence[Tensor]) -> Tensor:
-    """Mean k k^T over every token's input k to `module` when the model reads `batches` of ids."""
-    total, count = None, 0
+def key_covariances(model: nn.Module, modules: dict[str, nn.Module], batches: Sequence[Tensor]) -> dict[str, Tensor]:
+    """Mean k k^T over every token's input k to each of `modules` when the model reads `batches` of ids
+    (one unpadded sequence each). Each forward stops after the last of them, not at the LM head."""
+    totals: dict[str, Tensor] = {}
+    counts = dict.fromkeys(modules, 0)
+    seen: set[str] = set()
 
-    def hook(mod, args):
-        nonlocal total, count
-        keys = args[0].reshape(-1, args[0].shape[-1]).double()
-        total = keys.T @ keys if total is None else total + keys.T @ keys
-        count += keys.shape[0]
+    def hook(name: str):
+        def record(module, args):
+            keys = args[0].reshape(-1, args[0].shape[-1]).double()
+            totals[name] = totals[name] + keys.T @ keys if name in totals else keys.T @ keys
+            counts[name] += keys.shape[0]
+            seen.add(name)
+            if len(seen) == len(modules):
+                raise _KeysSeen
+        return record
 
-    handle = module.register_forward_pre_hook(hook)
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
     try:
         for ids in batches:
-            model(input_ids=ids, use_cache=False)
+            seen.clear()
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _KeysSeen:
+                pass
     finally:
-        handle.remove()
-    return (total / count).float()
+        for handle in handles:
+            handle.remove()
+    return {name: (totals[name] / counts[name]).float() for name in modules}
 
 
 class NullSpace:
@@ -138,7 +154,8 @@ def cached_covariances(model: nn.Module, tokenizer, names: Sequence[str], n_text
     if path.is_file():
         return load_file(str(path))
     batches = preserved_batches(tokenizer, n_texts, 0, device)
-    covariances = {name: key_covariance(model, projection_module(model, name), batches).cpu() for name in names}
+    modules = {name: projection_module(model, name) for name in names}
+    covariances = {name: c.cpu() for name, c in key_covariances(model, modules, batches).items()}
     with atomic_write(path) as tmp:
         save_file(covariances, str(tmp))
     return covariances

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from kdpo_lightning.constraints import NormBound, NullSpace, key_covariance, projection_module
+from kdpo_lightning.constraints import NormBound, NullSpace, key_covariances, projection_module
 from kdpo_lightning.data import EditRequest, encode
 from kdpo_lightning.loop import EditConfig
 from kdpo_lightning.module import KDPOEditor
@@ -68,13 +68,35 @@ def test_nll_anchor_in_an_edit(bpe_tokenizer):
         EditConfig(nll_alpha=-1)
 
 
+def test_key_covariances_of_two_layers_match_full_forwards_and_skip_the_layers_above(bpe_tokenizer):
+    model = tiny_model("llama")
+    modules = {f"layer{i}": model.get_submodule(f"model.layers.{i}.mlp.down_proj") for i in (2, 1)}
+    batches = [torch.tensor([bpe_tokenizer(t)["input_ids"]]) for t in ("Who wrote Hamlet?", "Water boils.")]
+    keys = {name: [] for name in modules}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: keys[n].append(args[0][0].double()))
+               for n, m in modules.items()]
+    with torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    top_calls = []
+    handle = model.get_submodule("model.layers.3").register_forward_pre_hook(lambda mod, args: top_calls.append(1))
+    covariances = key_covariances(model, modules, batches)
+    handle.remove()
+    assert top_calls == []  # every forward stopped at layer 2, the deeper of the two
+    for name, parts in keys.items():
+        k = torch.cat(parts)
+        torch.testing.assert_close(covariances[name].double(), k.T @ k / len(k), rtol=1e-5, atol=1e-7)
+
+
 def test_null_space_edit_leaves_preserved_outputs_and_protects_earlier_edits(bpe_tokenizer):
     editor = _editor(bpe_tokenizer)
     (name,) = editor.policy.params
     module = projection_module(editor.lm, name)
     texts = ["The capital of France is Paris.", "Water boils at one hundred degrees.", "Who wrote Hamlet?"]
     batches = [torch.tensor([bpe_tokenizer(t)["input_ids"]]) for t in texts]
-    covariance = key_covariance(editor.lm, module, batches)
+    (covariance,) = key_covariances(editor.lm, {name: module}, batches).values()
     null_space = NullSpace(editor.lm, {name: covariance}, threshold=1e-6)
     editor.policy.constraints.append(null_space)
     before = editor.policy.params[name].detach().clone()
@@ -87,7 +109,9 @@ def test_null_space_edit_leaves_preserved_outputs_and_protects_earlier_edits(bpe
         handle.remove()
         return keys[0]
 
-    preserved = torch.cat([keys_of(ids) for ids in batches])
+    preserved = torch.cat([keys_of(ids) for ids in batches])  # from full forwards, unlike key_covariances
+    expected = preserved.double().T @ preserved.double() / len(preserved)
+    torch.testing.assert_close(covariance.double(), expected, rtol=1e-5, atol=1e-7)
     record = editor.edit(EditRequest(PROMPT, TARGET, "Epaspidoceras"))
     assert record.steps > 0 and null_space.n_edits == 1
     delta = editor.policy.params[name].detach() - before
