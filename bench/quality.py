@@ -42,8 +42,9 @@ METHODS = {  # name: overrides of configs/demo.yaml
     "kdpo_null": ["--model.nullspace_threshold", "0.01"],
     "kdpo_null10": ["--model.nullspace_threshold", "0.1"],
     "kdpo_nll": ["--model.nll_alpha", "0.5"],
+    "kdpo_nll01": ["--model.nll_alpha", "0.1"],
     "kdpo_norm": ["--model.max_change", "0.05"],
-    "kdpo_null_nll": ["--model.nullspace_threshold", "0.01", "--model.nll_alpha", "0.5"],
+    "kdpo_null_nll": ["--model.nullspace_threshold", "0.1", "--model.nll_alpha", "0.5"],
 }
 METRICS = ("edit_success", "edit_success_right_after", "gen_edit_success_em", "gen_edit_success_contains",
            "rephrase", "portability_mean", "locality_mean", "gen_locality")
@@ -107,7 +108,7 @@ def table(tune: bool = False) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for dataset in DATASETS:
         for method in METHODS:
-            names = ["tune"] if tune else [str(k) for k in range(DATASETS[dataset][2])]
+            names = _subset_names(dataset, tune)
             results = [r for r in (_results(dataset, s, method) for s in names) if r]
             if not results:
                 continue
@@ -130,10 +131,14 @@ def _results(dataset: str, subset: str, method: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def paired(dataset: str, a: str, b: str, metric: str) -> tuple[float, float, float] | None:
+def _subset_names(dataset: str, tune: bool) -> list[str]:
+    return ["tune"] if tune else [str(k) for k in range(DATASETS[dataset][2])]
+
+
+def paired(dataset: str, a: str, b: str, metric: str, tune: bool = False) -> tuple[float, float, float] | None:
     """Mean and 95% interval of `a - b` in `metric` (points), paired by request over the subsets both ran."""
     per_subset = []
-    for subset in map(str, range(DATASETS[dataset][2])):
+    for subset in _subset_names(dataset, tune):
         ra, rb = _results(dataset, subset, a), _results(dataset, subset, b)
         if ra and rb:
             other = {r["index"]: r.get(metric) for r in rb["requests"]}
@@ -142,15 +147,15 @@ def paired(dataset: str, a: str, b: str, metric: str) -> tuple[float, float, flo
     return bootstrap(per_subset) if per_subset else None
 
 
-def verdict(best: str, baselines: tuple[str, str] = ("ftm", "kdpo")) -> str:
+def verdict(best: str, baselines: tuple[str, str] = ("ftm", "kdpo"), tune: bool = False) -> str:
     """Per dataset: does `best` beat both baselines in Edit Succ. (paired interval above 0) with
     Locality no worse than the better baseline's (paired interval reaching 0)?"""
     fmt = "{:+.1f} [{:+.1f}, {:+.1f}]".format
     lines = [f"| dataset | {best} - {baselines[0]}: Edit Succ. | {best} - {baselines[1]}: Edit Succ. | "
              "better locality | Locality difference | beats both, locality kept |", "|---|---|---|---|---|---|"]
     for dataset in DATASETS:
-        edit = [paired(dataset, best, b, "edit_success") for b in baselines]
-        local = {b: paired(dataset, best, b, "locality_mean") for b in baselines}
+        edit = [paired(dataset, best, b, "edit_success", tune) for b in baselines]
+        local = {b: paired(dataset, best, b, "locality_mean", tune) for b in baselines}
         if None in edit or None in local.values():
             continue
         keeper = min(baselines, key=lambda b: local[b][0])  # the baseline whose locality is higher
@@ -191,7 +196,7 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             for future in [pool.submit(run, *job, threads) for job in sorted(jobs, key=_order)]:
                 future.result()  # a failed run stops the matrix with its error
-    result = table(args.tune) if args.tune else table() + "\n\n" + verdict(args.best)
+    result = table(args.tune) + "\n\n" + verdict(args.best, tune=args.tune)
     report.save("quality_tune" if args.tune else "quality", result, started)
 
 
