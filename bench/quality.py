@@ -44,6 +44,8 @@ METHODS = {  # name: overrides of configs/demo.yaml
     "kdpo_nll": ["--model.nll_alpha", "0.5"],
     "kdpo_nll01": ["--model.nll_alpha", "0.1"],
     "kdpo_norm": ["--model.max_change", "0.05"],
+    "kdpo_norm10": ["--model.max_change", "0.1"],
+    "kdpo_nll_norm10": ["--model.nll_alpha", "0.5", "--model.max_change", "0.1"],
     "kdpo_null_nll": ["--model.nullspace_threshold", "0.1", "--model.nll_alpha", "0.5"],
 }
 METRICS = ("edit_success", "edit_success_right_after", "gen_edit_success_em", "gen_edit_success_contains",
