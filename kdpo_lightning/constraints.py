@@ -47,39 +47,44 @@ def projection_module(model: nn.Module, name: str) -> nn.Module:
     return module
 
 
-class _KeysSeen(Exception):
+class _InputsSeen(Exception):
     """Stops a forward once every hooked projection has seen its input: the layers above add nothing."""
 
 
 @torch.no_grad()
-def key_covariances(model: nn.Module, modules: dict[str, nn.Module], batches: Sequence[Tensor]) -> dict[str, Tensor]:
-    """Mean k k^T over every token's input k to each of `modules` when the model reads `batches` of ids
-    (one unpadded sequence each). Each forward stops after the last of them, not at the LM head."""
-    totals: dict[str, Tensor] = {}
-    counts = dict.fromkeys(modules, 0)
-    seen: set[str] = set()
+def projection_inputs(model: nn.Module, modules: dict[str, nn.Module], ids: Tensor) -> dict[str, Tensor]:
+    """Each module's input (batch, tokens, features) when the model reads `ids`. The forward stops
+    after the last of them, not at the LM head."""
+    inputs: dict[str, Tensor] = {}
 
     def hook(name: str):
         def record(module, args):
-            keys = args[0].reshape(-1, args[0].shape[-1]).double()
-            totals[name] = totals[name] + keys.T @ keys if name in totals else keys.T @ keys
-            counts[name] += keys.shape[0]
-            seen.add(name)
-            if len(seen) == len(modules):
-                raise _KeysSeen
+            inputs.setdefault(name, args[0])
+            if len(inputs) == len(modules):
+                raise _InputsSeen
         return record
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
     try:
-        for ids in batches:
-            seen.clear()
-            try:
-                model(input_ids=ids, use_cache=False)
-            except _KeysSeen:
-                pass
+        model(input_ids=ids, use_cache=False)
+    except _InputsSeen:
+        pass
     finally:
         for handle in handles:
             handle.remove()
+    return inputs
+
+
+def key_covariances(model: nn.Module, modules: dict[str, nn.Module], batches: Sequence[Tensor]) -> dict[str, Tensor]:
+    """Mean k k^T over every token's input k to each of `modules` when the model reads `batches` of ids
+    (one unpadded sequence each)."""
+    totals: dict[str, Tensor] = {}
+    counts = dict.fromkeys(modules, 0)
+    for ids in batches:
+        for name, inputs in projection_inputs(model, modules, ids).items():
+            keys = inputs.reshape(-1, inputs.shape[-1]).double()
+            totals[name] = totals.get(name, 0) + keys.T @ keys
+            counts[name] += keys.shape[0]
     return {name: (totals[name] / counts[name]).float() for name in modules}
 
 
@@ -118,15 +123,9 @@ class NullSpace:
         """Protect an applied edit too: add its keys at the positions that predict y_w (the mean
         over edits, weighted like the preserved set) and recompute the projectors."""
         self.n_edits += 1
-        for name in self.preserved:
-            keys = []
-            handle = projection_module(self.model, name).register_forward_pre_hook(
-                lambda mod, args: keys.append(args[0][0, target_start - 1 : -1].double()))
-            try:
-                self.model(input_ids=input_ids, use_cache=False)
-            finally:
-                handle.remove()
-            k = keys[0]
+        modules = {name: projection_module(self.model, name) for name in self.preserved}
+        for name, inputs in projection_inputs(self.model, modules, input_ids).items():
+            k = inputs[0, target_start - 1 : -1].double()
             self.edited[name] += ((k.T @ k) / k.shape[0]).float().to(self.edited[name].device)
             self._update_projector(name)
 

@@ -104,8 +104,9 @@ def test_bf16_trainer_run_saves_the_edit_in_the_model_dtype(bpe_tokenizer, tmp_p
     dm.set_tokenizer(bpe_tokenizer)
     editor = KDPOEditor.from_model(_model(torch.bfloat16), bpe_tokenizer, method=method, lr=1e-3, n_cycles=3,
                                    n_steps=4, fluency=False, results_path=str(tmp_path / "results.json"))
-    L.Trainer(max_epochs=1, accelerator=torch.get_default_device().type, devices=1, logger=False,
-              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(editor, datamodule=dm)
+    trainer = L.Trainer(max_epochs=1, accelerator=torch.get_default_device().type, devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(editor, datamodule=dm)
     assert all(r["steps"] > 0 and r["failed"] is None for r in editor.records.values())
     saved = load_file(str(tmp_path / "results.edit.safetensors"))
     ((name, tensor),) = saved.items()

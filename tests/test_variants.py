@@ -29,7 +29,8 @@ def test_nll_anchor_adds_alpha_times_the_mean_nll_of_y_w():
 def test_null_space_projector_annihilates_the_keys():
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(8, 3))  # 3 keys in 8 dimensions
-    P = null_space_projector(torch.tensor(keys @ keys.T / 3, dtype=torch.float32), threshold=1e-6).double().cpu().numpy()
+    P = null_space_projector(torch.tensor(keys @ keys.T / 3, dtype=torch.float32), threshold=1e-6)
+    P = P.double().cpu().numpy()
     _, _, vt = np.linalg.svd(keys.T)  # independent: the null space of K^T from an SVD
     null = vt[3:].T
     np.testing.assert_allclose(P, null @ null.T, atol=1e-5)
