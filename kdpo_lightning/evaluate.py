@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -66,10 +67,23 @@ def _jobs(request: EditRequest) -> list[tuple[str, str, str, str]]:
 
 GENERATION_KEYS = (*(f"gen_{field}_{score}" for field in ("edit_success", "rephrase", "portability")
                      for score in ("em", "contains")), "gen_locality")
+PRE_GENERATION_KEYS = tuple(f"pre_{key}" for key in GENERATION_KEYS)
+"""The same scores of the unedited model's answers (``pre_gen_locality`` is 1 by definition)."""
 
 
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Runs the block with the model in eval mode (no dropout), then restores its mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class EditEvaluator:
@@ -77,40 +91,59 @@ class EditEvaluator:
 
     Call :meth:`snapshot_pre` once on the unedited model, then :meth:`evaluate` after editing and
     :meth:`summarize` on its rows.
+
+    With `generation`, rows also score greedy generated answers (see
+    :func:`~kdpo_lightning.generation.greedy_answers`): each prompt goes through the tokenizer's chat
+    template as one user turn when `chat_template` is true (None: exactly when the tokenizer has
+    one), and decoding stops at a stop token, a newline or the end of the first sentence, at most
+    `generation_max_tokens` new tokens. Teacher-forced scores always use the bare prompt.
     """
 
     def __init__(self, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16, fluency: bool = True,
                  fluency_sampling: str = "greedy", max_new_tokens: int = 100, seed: int = 0,
-                 generation: bool = False, generation_max_tokens: int = 32) -> None:
+                 generation: bool = False, generation_max_tokens: int = 50, chat_template: bool | None = None) -> None:
         if fluency_sampling not in SAMPLINGS:
             raise ValueError(f"fluency_sampling must be one of {SAMPLINGS}, got {fluency_sampling!r}")
+        if generation_max_tokens < 1:
+            raise ValueError(f"generation_max_tokens must be at least 1, got {generation_max_tokens}")
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if chat_template and not has_template:
+            raise ValueError("chat_template=True, but the tokenizer has no chat template")
         self.tokenizer, self.requests, self.batch_size = tokenizer, list(requests), batch_size
         self.fluency, self.fluency_sampling = fluency, fluency_sampling
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self._jobs = [_jobs(r) for r in self.requests]
         self.generation, self.generation_max_tokens = generation, generation_max_tokens
+        self.chat_template = has_template if chat_template is None else chat_template
         self.pre_locality: list[list[list[int]]] | None = None
         """Per request, the pre-edit argmax ids of each locality job, in job order."""
-        self.pre_answers: list[list[str]] | None = None
-        """With `generation`: per request, the pre-edit greedy answer to each locality prompt."""
+        self.pre_generated: list[list[str]] | None = None
+        """With `generation`: per request, the pre-edit generated answer to every scored prompt, in job order."""
 
     def _locality_pairs(self, index: int) -> list[tuple[str, str]]:
         return [(p, a) for field, _, p, a in self._jobs[index] if field == "locality"]
 
+    def _decoding(self) -> dict:
+        return {"chat_template": self.chat_template, "max_new_tokens": self.generation_max_tokens}
+
     def snapshot_pre(self, model: torch.nn.Module) -> None:
-        """Records the unedited model's locality predictions for every request."""
+        """Records the unedited model's locality predictions for every request and, with
+        `generation`, its generated answer to every scored prompt."""
         pairs = [self._locality_pairs(i) for i in range(len(self.requests))]
-        flat = teacher_forced_argmax(model, self.tokenizer, [p for ps in pairs for p in ps], self.batch_size)
+        with _eval_mode(model):
+            flat = teacher_forced_argmax(model, self.tokenizer, [p for ps in pairs for p in ps], self.batch_size)
+            answers = iter(self._answers(model, [p for jobs in self._jobs for _, _, p, _ in jobs])
+                           if self.generation else ())
         preds = iter(pred.tolist() for pred, _ in flat)
         self.pre_locality = [[next(preds) for _ in ps] for ps in pairs]
         if self.generation:
-            answers = iter(self._answers(model, [p for ps in pairs for p, _ in ps]))
-            self.pre_answers = [[next(answers) for _ in ps] for ps in pairs]
+            self.pre_generated = [[next(answers) for _ in jobs] for jobs in self._jobs]
 
     def state_dict(self) -> dict:
-        """``{"pre_locality": per request, per locality prompt, the pre-edit argmax ids, "pre_answers":
-        the same for generated answers}``; plain lists."""
-        return {"pre_locality": self.pre_locality, "pre_answers": self.pre_answers}
+        """``{"pre_locality": per request, per locality prompt, the pre-edit argmax ids, "pre_generated":
+        per request, per scored prompt, the pre-edit generated answer, "decoding": how they were
+        decoded}``; plain data."""
+        return {"pre_locality": self.pre_locality, "pre_generated": self.pre_generated, "decoding": self._decoding()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict` (e.g. after a JSON round trip) for a resumed run."""
@@ -118,26 +151,35 @@ class EditEvaluator:
         if pre is not None and (len(pre) != len(self.requests) or any(
                 len(p) != len(self._locality_pairs(i)) for i, p in enumerate(pre))):
             raise ValueError("pre_locality does not match these requests' locality probes")
-        self.pre_locality, self.pre_answers = pre, state.get("pre_answers")
+        generated = state.get("pre_generated")
+        if self.generation:
+            if generated is None:
+                raise ValueError("generation is on, but the saved state has no pre-edit generated answers "
+                                 "(saved with generation off, or by an older version): start the run again")
+            if state.get("decoding") != self._decoding():
+                raise ValueError(f"the pre-edit answers were decoded with {state.get('decoding')}, "
+                                 f"this evaluator decodes with {self._decoding()}")
+            if len(generated) != len(self.requests) or any(
+                    len(g) != len(jobs) for g, jobs in zip(generated, self._jobs)):
+                raise ValueError("pre_generated does not match these requests' scored prompts")
+        self.pre_locality, self.pre_generated = pre, generated
 
     def evaluate(self, model: torch.nn.Module, indices: Sequence[int] | None = None) -> list[dict]:
         """Per-request rows: ``index, source, edit_success, rephrase, portability {kind: score},
-        portability_mean, locality {kind: score}, locality_mean, fluency``; scores in [0, 1],
-        None where a request has nothing to score (fluency: None when disabled)."""
+        portability_mean, locality {kind: score}, locality_mean, fluency`` and with `generation` the
+        ``gen_*``/``pre_gen_*`` pairs of :meth:`_generation_row`; scores in [0, 1], None where a request
+        has nothing to score (fluency: None when disabled)."""
         indices = list(range(len(self.requests)) if indices is None else indices)
-        if self.pre_locality is None and any(self._locality_pairs(i) for i in indices):
+        if ((self.pre_locality is None and any(self._locality_pairs(i) for i in indices))
+                or (self.generation and self.pre_generated is None and indices)):
             raise RuntimeError("call snapshot_pre(model) on the unedited model before evaluate()")
         if not indices:
             return []
-        was_training = model.training
-        model.eval()
-        try:
+        with _eval_mode(model):
             pairs = [(p, a) for i in indices for _, _, p, a in self._jobs[i]]
             preds = teacher_forced_argmax(model, self.tokenizer, pairs, self.batch_size)
             texts = self._generate(model, indices) if self.fluency else [None] * len(indices)
             answers = iter(self._answers(model, [p for p, _ in pairs]) if self.generation else ())
-        finally:
-            model.train(was_training)
         refs = self._references(indices, preds)
         scores = iter(token_accuracy(*_pad_pairs([p for p, _ in preds], refs)).tolist())
         rows = []
@@ -151,26 +193,43 @@ class EditEvaluator:
     def edit_success(self, model: torch.nn.Module, indices: Sequence[int]) -> list[float]:
         """Only the Edit Succ. of these requests: one teacher-forced pass over their edit prompts."""
         pairs = [(self.requests[i].prompt, self.requests[i].target_new) for i in indices]
-        preds = teacher_forced_argmax(model, self.tokenizer, pairs, self.batch_size)
+        with _eval_mode(model):
+            preds = teacher_forced_argmax(model, self.tokenizer, pairs, self.batch_size)
         return token_accuracy(*_pad_pairs([p for p, _ in preds], [label for _, label in preds])).tolist()
 
+    def generated_right_after(self, model: torch.nn.Module, indices: Sequence[int]) -> list[dict]:
+        """Per request, ``{"gen_edit_success_em", "gen_edit_success_contains"}`` of the model's generated
+        answer to its edit prompt now (one batched decode), e.g. right after the request's own edit."""
+        with _eval_mode(model):
+            answers = self._answers(model, [self.requests[i].prompt for i in indices])
+        return [{"gen_edit_success_em": exact_match(answer, self.requests[i].target_new),
+                 "gen_edit_success_contains": contains(answer, self.requests[i].target_new)}
+                for i, answer in zip(indices, answers)]
+
     def _answers(self, model: torch.nn.Module, prompts: Sequence[str]) -> list[str]:
-        return greedy_answers(model, self.tokenizer, prompts, self.generation_max_tokens, self.batch_size)
+        return greedy_answers(model, self.tokenizer, prompts, self.generation_max_tokens, self.batch_size,
+                              chat_template=self.chat_template)
 
     def _generation_row(self, index: int, answers: Sequence[str]) -> dict:
-        """Generated-answer scores of one request: ``gen_<field>_em`` and ``gen_<field>_contains``
-        for edit_success, rephrase and portability (means over prompts), ``gen_locality`` (share
-        of locality answers equal to the pre-edit ones) and ``gen_answer`` (to the edit prompt)."""
+        """Generated-answer scores of one request, each ``gen_*`` key followed by its ``pre_gen_*`` twin
+        scored on the pre-edit answers: see :meth:`_generated_scores`."""
+        post = self._generated_scores(index, answers)
+        pre = self._generated_scores(index, self.pre_generated[index])
+        return {k: v for key in post for k, v in ((key, post[key]), (f"pre_{key}", pre[key]))}
+
+    def _generated_scores(self, index: int, answers: Sequence[str]) -> dict:
+        """``gen_<field>_em`` and ``gen_<field>_contains`` for edit_success, rephrase and portability
+        (means over prompts), ``gen_locality`` (share of locality answers equal to the pre-edit ones)
+        and ``gen_answer`` (to the edit prompt), of one request's answers in job order."""
         scores: dict[str, list[float]] = {}
-        pre = iter(self.pre_answers[index] if self.pre_answers is not None else ())
-        for (field, _, _, target), answer in zip(self._jobs[index], answers):
+        for (field, _, _, target), answer, pre in zip(self._jobs[index], answers, self.pre_generated[index]):
             if field == "locality":
-                scores.setdefault("gen_locality", []).append(exact_match(answer, next(pre)))
+                scores.setdefault("gen_locality", []).append(exact_match(answer, pre))
             else:
                 scores.setdefault(f"gen_{field}_em", []).append(exact_match(answer, target))
                 scores.setdefault(f"gen_{field}_contains", []).append(contains(answer, target))
-        row = {f"gen_{f}_{m}": None for f in ("edit_success", "rephrase", "portability") for m in ("em", "contains")}
-        return {**row, "gen_locality": None, **{k: _mean(v) for k, v in scores.items()}, "gen_answer": answers[0]}
+        row = {key: _mean(scores.get(key, ())) for key in GENERATION_KEYS}
+        return {**row, "gen_answer": answers[0]}
 
     def _references(self, indices: Sequence[int], preds: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
         """What each job's prediction is compared with: its answer tokens, or for locality the
@@ -210,11 +269,12 @@ class EditEvaluator:
     def summarize(rows: Sequence[dict]) -> dict[str, float]:
         """Flat means over rows, accuracies x100 and fluency raw. Keys: ``edit_success``,
         ``rephrase``, ``portability``, ``portability/<kind>``, ``locality``, ``locality/<kind>``,
-        ``fluency``, and with generation ``gen_*`` (see `_generation_row`); a key is left out when
-        no row has anything to score for it."""
+        ``fluency``, and with generation ``gen_*`` and ``pre_gen_*`` (see `_generated_scores`); a key is
+        left out when no row has anything to score for it."""
         summary: dict[str, float] = {}
         means = [("edit_success", EditSuccess()), ("rephrase", Generalization()), ("fluency", Fluency())]
-        means += [(key, EditSuccess()) for key in GENERATION_KEYS if any(key in r for r in rows)]
+        means += [(key, EditSuccess()) for key in (*GENERATION_KEYS, *PRE_GENERATION_KEYS)
+                  if any(key in r for r in rows)]
         for key, metric in means:
             values = [r[key] for r in rows if r.get(key) is not None]
             if values:

@@ -2,8 +2,10 @@
 
 Generated answers: the edited model must produce the answer itself, with no teacher forcing.
 
-Following "The Mirage of Model Editing" (ACL 2025, WILD protocol): greedy decoding from the prompt,
-stopping at EOS, at a newline or after `max_new_tokens`; the answer is scored by SQuAD-style
+As "The Mirage of Model Editing" (ACL 2025, WILD) and EasyEdit's ``generate-text`` mode do: the
+question goes through the model's chat template as one user turn (when it has one), decoding is
+greedy and stops at EOS or another special token (the template's end of turn), at a newline, or
+at the end of the first sentence (see :func:`first_answer`); the answer is scored by SQuAD-style
 normalized exact match and by containment. Locality by generation: the post-edit answer equals the
 pre-edit one (normalized).
 """
@@ -13,6 +15,7 @@ import re
 import string
 import unicodedata
 from collections.abc import Callable, Sequence
+from itertools import takewhile
 
 import torch
 
@@ -95,10 +98,10 @@ def generate_texts(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *,
 @torch.no_grad()
 def generate_ids(model: torch.nn.Module, tokenizer, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampling: str = "greedy", generator: torch.Generator | None = None, batch_size: int = 16,
-                 stop: Callable[[int], bool] | None = None) -> list[list[int]]:
+                 stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     """New token ids after each row of prompt ids, batched with left padding and a KV cache.
 
-    With `stop`, a row ends after the first token for which `stop(token_id)` is true (that token is
+    With `stop`, a row ends once `stop(new_ids)` is true of its new ids so far (the last one is
     kept), and a batch ends when all its rows have; otherwise every row gets `max_new_tokens`."""
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
@@ -113,7 +116,7 @@ def generate_ids(model: torch.nn.Module, tokenizer, rows: Sequence[Sequence[int]
             for row, (i, t) in enumerate(zip(batch, token.tolist())):
                 if not done[row]:
                     out_rows[i].append(t)
-                    done[row] = stop is not None and stop(t)
+                    done[row] = stop is not None and stop(out_rows[i])
             if step + 1 == max_new_tokens or all(done):
                 break
             mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=-1)
@@ -144,15 +147,75 @@ def contains(answer: str, target: str) -> float:
     return float(bool(target) and f" {target} " in f" {normalize_answer(answer)} ")
 
 
+_LINE_BREAK = re.compile(r"[\r\n]")
+_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|\Z)")
+_ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "mt", "jr", "sr", "vs"})
+"""Words whose period does not end a sentence ("St. Louis", "Martin Luther King Jr. was")."""
+
+
+def _closes_abbreviation(text: str, end: re.Match) -> bool:
+    """Whether a lone period closes an initial or abbreviation ("John F.", "U.S.", "St.") rather than
+    a sentence: the piece of the word before it is one capital letter or in `_ABBREVIATIONS`."""
+    if end.group().rstrip("\"'”’)]") != ".":
+        return False
+    piece = text[:end.start()].rsplit(None, 1)[-1].rsplit(".", 1)[-1]
+    return (len(piece) == 1 and piece.isupper()) or piece.lower() in _ABBREVIATIONS
+
+
+def first_answer(text: str) -> tuple[str, bool]:
+    """The answer in generated text: its first line, up to and including the end of its first sentence.
+
+    Leading whitespace is skipped. A sentence ends at ``.``, ``!`` or ``?`` (closing quotes or
+    brackets included) followed by whitespace or the end of the text, so the periods inside "3.14"
+    and "U.S." do not end it; nor does a lone period after an initial or a common abbreviation
+    ("John F. Kennedy", "U.S. Army", "St. Louis"), at the cost of running past a sentence that
+    really ends in one.
+
+    Returns:
+        ``(answer, ended)``: the answer, stripped, and whether the text itself shows the answer is
+        over (a line break, or a sentence end followed by whitespace). A sentence end at the very end
+        of the text ("3." may become "3.14") ends the answer only when decoding stops there.
+    """
+    text = text.lstrip()
+    line = _LINE_BREAK.search(text)
+    limit = line.start() if line else len(text)
+    for end in _SENTENCE_END.finditer(text, 0, limit):
+        if text[:end.start()].strip() and not _closes_abbreviation(text, end):
+            return text[:end.end()], end.end() < len(text)
+    return text[:limit].rstrip(), line is not None
+
+
+def stop_token_ids(tokenizer) -> frozenset[int]:
+    """Tokens that end an answer: EOS and every special added token, which includes the chat
+    template's end of turn (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ...)."""
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return frozenset(special | ({tokenizer.eos_token_id} - {None}))
+
+
+def prompt_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:
+    """The ids a generated answer follows: the bare prompt, or with `chat_template` the prompt as one
+    user turn of the tokenizer's chat template followed by the assistant's header."""
+    if not chat_template:
+        return list(tokenizer(prompt)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat_template=True, but the tokenizer has no chat template")
+    turn = [{"role": "user", "content": prompt}]
+    return list(tokenizer.apply_chat_template(turn, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
 @torch.no_grad()
 def greedy_answers(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
-                   batch_size: int = 16) -> list[str]:
-    """Each prompt's greedy answer: new tokens up to EOS or a newline (neither kept), stripped."""
-    eos = tokenizer.eos_token_id
+                   batch_size: int = 16, chat_template: bool = False) -> list[str]:
+    """Each prompt's greedy answer (:func:`first_answer` of the text before the first stop token),
+    decoding each row until that answer has ended, a stop token or `max_new_tokens` new tokens."""
+    stops = stop_token_ids(tokenizer)
 
-    def stop(token: int) -> bool:
-        return token == eos or "\n" in tokenizer.decode([token])
+    def text(new: list[int]) -> str:
+        return tokenizer.decode(list(takewhile(lambda t: t not in stops, new)), skip_special_tokens=True)
 
-    rows = [tokenizer(p)["input_ids"] for p in prompts]
+    def stop(new: list[int]) -> bool:
+        return new[-1] in stops or first_answer(text(new))[1]
+
+    rows = [prompt_ids(tokenizer, p, chat_template) for p in prompts]
     new = generate_ids(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop)
-    return [tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0].strip() for ids in new]
+    return [first_answer(text(ids))[0] for ids in new]
