@@ -1,9 +1,10 @@
 """Where the reference policy's log-probs come from: the model as it was when the edit started.
 
-Three strategies behind one interface (`begin_edit`, then `rows`); `begin_edit` gets the policy's
-rows on c+y_w at edit start, which are the reference's rows for that input:
-- `cached` (default): KDPO scores y_w and y_l in the one context c+y_w, so one no-grad forward at
-  the start of the edit gives every reference row the edit will ever need. No extra weights.
+Three strategies behind one interface (`begin_edit`, then `rows`). `begin_edit` gets the policy's
+rows on c+y_w at edit start, which are the reference's rows for that input, so no strategy runs a
+forward of its own for the edit's own input:
+- `cached` (default): KDPO scores y_w and y_l in the one context c+y_w, so those rows are every
+  reference row the edit will ever need. No extra weights, no extra forward.
 - `swap`: keep only the original values of the trained tensors and swap them in for a reference
   forward. Needed by vanilla DPO, whose y_l context changes every cycle.
 - `copy`: a frozen deepcopy of the model, as in the paper's released code (doubles memory).
@@ -25,6 +26,7 @@ class _Reference:
 
     def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int, rows: Tensor) -> None:
         self._rows = PerInput()
+        self._rows.put(input_ids, rows.detach())
 
     def rows(self, input_ids: Tensor, n_target: int) -> Tensor:
         return self._rows.get(input_ids, lambda: self._no_grad_forward(input_ids, n_target))
@@ -39,10 +41,6 @@ class _Reference:
 
 class CachedReference(_Reference):
     """The policy's rows at edit start, kept: no forward of its own; only the edit's own input."""
-
-    def begin_edit(self, policy: Policy, input_ids: Tensor, n_target: int, rows: Tensor) -> None:
-        super().begin_edit(policy, input_ids, n_target, rows)
-        self._rows.put(input_ids, rows.detach())
 
     def _forward(self, input_ids: Tensor, n_target: int) -> Tensor:
         raise ValueError("the cached reference only scores the edit's own c+y_w; use reference 'swap' or 'copy'")

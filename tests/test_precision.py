@@ -11,6 +11,7 @@ from families import FAMILIES, tiny_family_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from kdpo_lightning.callbacks import EditResults
 from kdpo_lightning.data import encode
 from kdpo_lightning.loop import EditConfig, run_edit
 from kdpo_lightning.module import KDPOEditor
@@ -103,9 +104,10 @@ def test_bf16_trainer_run_saves_the_edit_in_the_model_dtype(bpe_tokenizer, tmp_p
     dm = SequentialEditDataModule(str(path))
     dm.set_tokenizer(bpe_tokenizer)
     editor = KDPOEditor.from_model(_model(torch.bfloat16), bpe_tokenizer, method=method, lr=1e-3, n_cycles=3,
-                                   n_steps=4, fluency=False, results_path=str(tmp_path / "results.json"))
+                                   n_steps=4)
     trainer = L.Trainer(max_epochs=1, accelerator=torch.get_default_device().type, devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[EditResults(str(tmp_path / "results.json"))])
     trainer.fit(editor, datamodule=dm)
     assert all(r["steps"] > 0 and r["failed"] is None for r in editor.records.values())
     saved = load_file(str(tmp_path / "results.edit.safetensors"))
