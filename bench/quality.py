@@ -37,16 +37,18 @@ DATASETS = {  # name: (data set name, N per subset, number of subsets)
     "wikibio": ("knowedit/wikibio", 50, 1),
 }
 METHODS = {  # name: overrides of configs/demo.yaml
-    "ftm": ["--model.method", "ftm"],
+    "ftm": ["--model.edit.method", "ftm"],
     "kdpo": [],
-    "kdpo_null": ["--model.nullspace_threshold", "0.01"],
-    "kdpo_null10": ["--model.nullspace_threshold", "0.1"],
-    "kdpo_nll": ["--model.nll_alpha", "0.5"],
-    "kdpo_nll01": ["--model.nll_alpha", "0.1"],
-    "kdpo_norm": ["--model.max_change", "0.05"],
-    "kdpo_norm10": ["--model.max_change", "0.1"],
-    "kdpo_nll_norm10": ["--model.nll_alpha", "0.5", "--model.max_change", "0.1"],
-    "kdpo_null_nll": ["--model.nullspace_threshold", "0.1", "--model.nll_alpha", "0.5"],
+    "kdpo_null": ["--model.constraints.nullspace_threshold", "0.01"],
+    "kdpo_null10": ["--model.constraints.nullspace_threshold", "0.1"],
+    "kdpo_nll": ["--model.edit.nll_alpha", "0.5"],
+    "kdpo_nll01": ["--model.edit.nll_alpha", "0.1"],
+    "kdpo_norm": ["--model.constraints.max_change", "0.05"],
+    "kdpo_norm10": ["--model.constraints.max_change", "0.1"],
+    "kdpo_nll_norm10": ["--model.edit.nll_alpha", "0.5", "--model.constraints.max_change", "0.1"],
+    "kdpo_null_nll": ["--model.constraints.nullspace_threshold", "0.1", "--model.edit.nll_alpha", "0.5"],
+    "memit": ["--model.edit.method", "memit"],
+    "alphaedit": ["--model.edit.method", "alphaedit"],
 }
 METRICS = ("edit_success", "edit_success_right_after", "gen_edit_success_em", "gen_edit_success_contains",
            "rephrase", "portability_mean", "locality_mean", "gen_locality")
@@ -80,11 +82,12 @@ def run(dataset: str, subset: str, method: str, n: int, threads: int) -> Path:
         return result
     data = OUT / "subsets" / f"{dataset}_{subset}.json"
     run_dir = ROOT / "runs" / "quality" / f"{dataset}_{subset}_{method}"
-    cmd = [sys.executable, "-m", "kdpo_lightning.cli", "fit", "--config", str(ROOT / "configs/demo.yaml"),
-           "--data.path", str(data), "--data.n_edits", str(n), "--model.generation_metrics", "true",
-           "--model.eval_every_n_edits", str(n), "--trainer.default_root_dir", str(run_dir),
-           "--checkpoint.every_n_edits", "10", "--model.results_path", str(result), *METHODS[method]]
-    if (run_dir / "checkpoints" / "last.ckpt").exists():
+    data, run_dir, result_arg = (p.relative_to(ROOT) for p in (data, run_dir, result))  # results record paths as given
+    cmd = [sys.executable, "-m", "kdpo_lightning.cli", "fit", "--config", "configs/demo.yaml",
+           "--data.path", str(data), "--data.n_edits", str(n), "--evaluation.generation", "true",
+           "--retention.every_n_edits", str(n), "--trainer.default_root_dir", str(run_dir),
+           "--checkpoint.every_n_edits", "10", "--results.path", str(result_arg), *METHODS[method]]
+    if (ROOT / run_dir / "checkpoints" / "last.ckpt").exists():
         cmd += ["--ckpt_path", "last"]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
@@ -173,6 +176,7 @@ def _order(job: tuple) -> tuple:
 
 
 def main() -> None:
+    global OUT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--methods", nargs="+", default=["ftm", "kdpo", "kdpo_nll"],
@@ -183,7 +187,10 @@ def main() -> None:
                         help="the variant compared with FT-M and paper KDPO, paired by request")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, sharing the CPU cores")
     parser.add_argument("--table", action="store_true", help="only print the table of existing results")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder of the run results (default: %(default)s)")
+    parser.add_argument("--name", default="quality", help="name of the table's JSON under bench/results")
     args = parser.parse_args()
+    OUT = args.out.resolve()
     started = report.now()
     if not args.table:
         jobs = []  # subset-major: the first subset of every dataset before the second of any
@@ -199,7 +206,7 @@ def main() -> None:
             for future in [pool.submit(run, *job, threads) for job in sorted(jobs, key=_order)]:
                 future.result()  # a failed run stops the matrix with its error
     result = table(args.tune) + "\n\n" + verdict(args.best, tune=args.tune)
-    report.save("quality_tune" if args.tune else "quality", result, started)
+    report.save(f"{args.name}_tune" if args.tune else args.name, result, started)
 
 
 if __name__ == "__main__":

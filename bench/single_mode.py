@@ -28,9 +28,9 @@ def run(devices: int, n: int, accelerator: str, cores: int) -> dict:
     """One `fit` in single mode; wall time of the whole command and the summed edit times."""
     out = ROOT / "runs" / f"single_mode_{accelerator}_{devices}"
     cmd = [sys.executable, "-m", "kdpo_lightning.cli", "fit", "--config", str(ROOT / "configs/demo.yaml"),
-           "--model.edit_mode", "single", "--model.fluency", "false", "--data.n_edits", str(n),
+           "--model.edit_mode", "single", "--evaluation.fluency", "false", "--data.n_edits", str(n),
            "--trainer.accelerator", accelerator, "--trainer.devices", str(devices),
-           "--trainer.default_root_dir", str(out), "--model.results_path", str(out / "results.json")]
+           "--trainer.default_root_dir", str(out), "--results.path", str(out / "results.json")]
     if devices > 1:
         cmd += ["--trainer.strategy", "ddp"]
     threads = str(max(1, cores // devices))

@@ -44,7 +44,8 @@ class EditCheckpoint(L.Callback):
     """Save `last.ckpt` after every `every_n_edits` edits and after the last one.
 
     The file holds the trained tensors, the stream position, the records so far and the RNG
-    state (see `KDPOEditor.on_save_checkpoint`), not the model. It is written to a temp file and
+    state (see `KDPOEditor.on_save_checkpoint`) and the callbacks' state, not the model. List it after the
+    evaluation callbacks (the CLI does), so that a checkpoint holds each edit's scores too. It is written to a temp file and
     renamed, so a kill during the write leaves the previous checkpoint valid. Not written under DDP
     (single mode over several processes: each holds only its own records).
     """

@@ -4,9 +4,15 @@
     kdpo-lightning fit --config configs/demo.yaml --ckpt_path last     # resume
     kdpo-lightning validate --config ... --model.apply_edit runs/x/results.edit.safetensors
     kdpo-lightning prepare-model smollm2-135m
+    kdpo-lightning prepare-data knowedit
+
+The editor's knobs are grouped (`--model.edit.lr`, `--model.target.layer`); what is measured around
+the edits is configured on its callbacks (`--evaluation.*`, `--retention.*`, `--results.path`). The flat
+flags of earlier releases (`--model.lr`, `--model.eval_mode`, ...) are still accepted.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -14,9 +20,42 @@ import warnings
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from .callbacks import EditEvaluation, EditResults, RetentionCurve
 from .checkpoint import EditCheckpoint, check_checkpoint, last_checkpoint
+from .config import GROUPS, check_edit_mode, flat_flags
 from .data import SequentialEditDataModule
-from .module import KDPOEditor, check_edit_mode
+from .module import KDPOEditor
+
+CALLBACKS = {"evaluation": EditEvaluation, "retention": RetentionCurve, "results": EditResults,
+             "checkpoint": EditCheckpoint}
+"""Callbacks every CLI run has, configured under their key (`--evaluation.mode after_each`)."""
+RENAMED = {
+    **flat_flags(GROUPS),
+    "--model.eval_mode": "--evaluation.mode", "--model.eval_batch_size": "--evaluation.batch_size",
+    **{f"--model.{k}": f"--evaluation.{k}" for k in ("fluency", "fluency_sampling", "max_new_tokens",
+                                                     "generation_max_tokens")},
+    "--model.generation_metrics": "--evaluation.generation",
+    "--model.eval_every_n_edits": "--retention.every_n_edits",
+    "--model.capability": "--retention.capability", "--model.capability_n": "--retention.capability_n",
+    "--model.results_path": "--results.path",
+}
+"""Flags of earlier releases and their names now."""
+
+
+def renamed_flags(args: list[str]) -> list[str]:
+    """`args` with flags of earlier releases (`--model.lr 1e-3`, `--model.eval_mode=after_each`) renamed."""
+    out = []
+    for arg in args:
+        flag, sep, value = arg.partition("=")
+        out.append(RENAMED.get(flag, flag) + sep + value if flag in RENAMED else arg)
+    return out
+
+
+class _NoLitLoggerTip(logging.Filter):
+    """Lightning advertises its cloud logger on every run; a command-line tool prints only its own output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
 
 
 class EditProgressBar(TQDMProgressBar):
@@ -30,6 +69,12 @@ class EditProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         done = min((batch_idx + 1) * trainer.world_size, self.total_train_batches)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, done - 1)
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        """The share of this process's edits that succeeded so far, beside Lightning's own items."""
+        records = pl_module.records.values()
+        rate = {"success_rate": f"{sum(r['success'] for r in records) / len(records):.3f}"} if records else {}
+        return {**super().get_metrics(trainer, pl_module), **rate}
 
 
 TRAINER_DEFAULTS = {
@@ -48,7 +93,8 @@ class EditCLI(LightningCLI):
     """Loads the model before the run so the data module can tokenize with its tokenizer."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(EditCheckpoint, "checkpoint")
+        for key, callback in CALLBACKS.items():
+            parser.add_lightning_class_args(callback, key)
 
     def _prepare(self) -> None:
         self.model.load()
@@ -87,13 +133,21 @@ def main(argv: list[str] | None = None) -> int:
         from .models import prepare_model_main
 
         return prepare_model_main(args[1:])
+    if args[:1] == ["prepare-data"]:
+        from .prepare_data import prepare_data_main
+
+        return prepare_data_main(args[1:])
     from .data import DataError
     from .models import ModelNotFoundError, ProvisioningError, UnsafeWeightsError
 
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # edits run in eval mode on purpose
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoLitLoggerTip())
+    if argv is None:  # LightningCLI reads sys.argv itself
+        sys.argv[1:], args = renamed_flags(args), None
     try:
         EditCLI(KDPOEditor, SequentialEditDataModule, trainer_defaults=TRAINER_DEFAULTS,
-                save_config_kwargs={"overwrite": True}, args=argv)
+                save_config_kwargs={"overwrite": True}, args=renamed_flags(args) if args is not None else None)
     except (DataError, ModelNotFoundError, ProvisioningError, UnsafeWeightsError, ValueError, FileNotFoundError) as err:
         if os.environ.get("KDPO_DEBUG"):
             raise

@@ -3,7 +3,8 @@ long edit sequences (the objective's other variant, the NLL anchor, is in `objec
 
 - `NullSpace` (AlphaEdit, Fang et al. 2025): each step's update dW is replaced by dW P, P the
   projector onto the null space of the keys (inputs of the trained projection) of preserved text
-  and of earlier edits, so (dW P) k ~ 0 for those keys: their outputs do not move.
+  and of earlier edits, so (dW P) k ~ 0 for those keys: their outputs do not move. With no preserved
+  text (`nullspace_texts: 0`) only earlier edits' keys are protected; before the first edit P = I.
 - `NormBound` (ENCORE, NAS): the change of the tensor since the first edit is kept within a
   fraction of its norm.
 """
@@ -75,9 +76,14 @@ def projection_inputs(model: nn.Module, modules: dict[str, nn.Module], ids: Tens
     return inputs
 
 
+def key_size(module: nn.Module) -> int:
+    """The width of a Linear's or Conv1D's input (a key)."""
+    return module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
+
+
 def key_covariances(model: nn.Module, modules: dict[str, nn.Module], batches: Sequence[Tensor]) -> dict[str, Tensor]:
     """Mean k k^T over every token's input k to each of `modules` when the model reads `batches` of ids
-    (one unpadded sequence each)."""
+    (one unpadded sequence each); zero for no batches (no keys)."""
     totals: dict[str, Tensor] = {}
     counts = dict.fromkeys(modules, 0)
     for ids in batches:
@@ -85,7 +91,8 @@ def key_covariances(model: nn.Module, modules: dict[str, nn.Module], batches: Se
             keys = inputs.reshape(-1, inputs.shape[-1]).double()
             totals[name] = totals.get(name, 0) + keys.T @ keys
             counts[name] += keys.shape[0]
-    return {name: (totals[name] / counts[name]).float() for name in modules}
+    return {name: (totals[name] / counts[name]).float() if counts[name] else torch.zeros(key_size(m), key_size(m))
+            for name, m in modules.items()}
 
 
 class NullSpace:
@@ -149,12 +156,18 @@ def cached_covariances(model: nn.Module, tokenizer, names: Sequence[str], n_text
     of every parameter the projections' inputs depend on (`covered_parameters`). Full bytes, not a
     strided sample: a sample misses an edit of a few entries, and hashing is affordable (sha256 reads
     0.8-1.8 GB/s on one core of a busy or idle AMD EPYC: LLaMA-3-8B up to layer 21, 10.6 GB in bf16,
-    takes 6-14 s). Parameters that accelerate offloaded (meta tensors) enter by name, shape and dtype only."""
+    takes 6-14 s). Parameters that accelerate offloaded (meta tensors) enter by name, shape and dtype only.
+    `n_texts` 0 preserves no text: zero covariances, computed here without the disk."""
     from safetensors.torch import load_file, save_file
 
     from .models import cache_root
     from .saving import atomic_write
 
+    if n_texts < 0:
+        raise ValueError(f"nullspace_texts must be 0 or more, got {n_texts}")
+    modules = {name: projection_module(model, name) for name in names}
+    if n_texts == 0:
+        return {name: c.cpu() for name, c in key_covariances(model, modules, []).items()}
     batches = preserved_batches(tokenizer, n_texts, 0, device)
     digest = hashlib.sha256(json.dumps([model_id, sorted(names), n_texts]).encode())
     for name, param in covered_parameters(model, names):
@@ -166,7 +179,6 @@ def cached_covariances(model: nn.Module, tokenizer, names: Sequence[str], n_text
     path = cache_root() / "covariance" / f"{digest.hexdigest()[:16]}.safetensors"
     if path.is_file():
         return load_file(str(path))
-    modules = {name: projection_module(model, name) for name in names}
     covariances = {name: c.cpu() for name, c in key_covariances(model, modules, batches).items()}
     with atomic_write(path) as tmp:
         save_file(covariances, str(tmp))
@@ -189,3 +201,16 @@ def _layer_prefix(name: str) -> str:
     parts = name.split(".")
     index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
     return name if index is None else ".".join(parts[: index + 1]) + "."
+
+
+def build_constraints(model: nn.Module, tokenizer, params: dict[str, Tensor], limits, model_id: str) -> list:
+    """The constraints `limits` (a `config.Constraints`) asks for on the trained `params`: the null space
+    (covariance cached on disk) and the norm bound; [] when both are off."""
+    constraints: list = []
+    if limits.nullspace_threshold is not None:
+        device = next(model.parameters()).device
+        covariances = cached_covariances(model, tokenizer, list(params), limits.nullspace_texts, model_id, device)
+        constraints.append(NullSpace(model, covariances, limits.nullspace_threshold))
+    if limits.max_change is not None:
+        constraints.append(NormBound(params, limits.max_change))
+    return constraints

@@ -253,6 +253,13 @@ def _check(name: str, value: Any, choices) -> None:
 
 def _read_json(path: Path) -> list:
     """The file's JSON list of records; anything else is a DataError naming the file."""
+    if path.is_dir():  # name a few JSON files in it, or one level down, to pass instead
+        found = sorted(p.relative_to(path).as_posix() for p in [*path.glob("*.json"), *path.glob("*/*.json")])
+        if not found:
+            raise DataError(f"{path} is a directory, not a JSON file, with no JSON files in it or one folder down")
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        raise DataError(f"{path} is a directory, not a JSON file; pass one of the JSON files in it: "
+                        f"{', '.join(found[:5])}{more}")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if path.suffix == ".jsonl":
@@ -437,6 +444,14 @@ class SequentialEditDataModule(L.LightningDataModule):
         except ValueError as e:
             raise DataError(f"{row['source']} field 'target': {e}") from None
         return {"input_ids": list(enc.input_ids), "target_start": enc.target_start}
+
+    def check_lengths(self, config) -> None:
+        """Fail before the first edit if any c+y_w is longer than the context of a model with this `config`."""
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        for row in self.edits() if limit else ():
+            if len(row["input_ids"]) > limit:
+                raise ValueError(f"{self.requests[int(row['index'])].source}: prompt + target is "
+                                 f"{len(row['input_ids'])} tokens, longer than the model's context of {limit}")
 
     def train_dataloader(self) -> DataLoader:
         """Remaining edits in order, never shuffled: one {index, input_ids (T,), target_start} dict per batch."""

@@ -1,21 +1,31 @@
 """One edit, as in the paper's Algorithm 1: cycles of (regenerate y_l, stop if y_l == y_w, s steps).
 
 The forward that regenerates y_l at the start of a cycle sees the same weights and input as the
-first optimizer step of that cycle, so its rows serve both: one forward, not two.
+first optimizer step of that cycle, so its rows serve both: one forward, not two. The edit's first
+forward also gives the reference its rows on c+y_w.
+
+Replay (`EditConfig.replay`): earlier edits go into the same forward (`replay.EditBatch`); each cycle
+regenerates their y_l too, the step's loss adds the loss of each one that does not hold, and the edit
+stops once it and all of them hold. Their reference is the model at this edit's start.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import objective
 from .policy import Policy
+from .replay import EditBatch, Replay
 
-METHODS = ("kdpo", "dpo", "ftm")
+METHODS = ("kdpo", "dpo", "ftm", "memit", "alphaedit")
+GRADIENT_METHODS = ("kdpo", "dpo", "ftm")
+"""Methods `run_edit` runs; MEMIT and AlphaEdit are closed-form (`locate.py`)."""
+REPLAY_METHODS = ("kdpo", "ftm")
+"""Methods that rehearse earlier edits: their loss reads rows on c+y_w, which one batched forward gives."""
 
 
 @dataclass
@@ -38,6 +48,12 @@ class EditConfig:
     """Stop once y_l == y_w; False runs every cycle (a fixed schedule, for benchmarks)."""
     nll_alpha: float = 0.0
     """Add alpha * NLL(y_w) to the DPO loss (RPO's anchor); 0 is the paper's objective."""
+    train_stop: bool = False
+    """Train on y_w followed by the stop token (EOS), so the model learns to end its answer there (LocFT-BF);
+    False is the paper's recipe."""
+    replay: int = 0
+    """Earlier edits each sequential edit rehearses (sampled; the loss of each that does not hold is added
+    to the step's), so they are kept rather than overwritten; 0 is the paper's recipe. kdpo and ftm."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -50,6 +66,10 @@ class EditConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.nll_alpha < 0:
             raise ValueError(f"nll_alpha must be 0 or more, got {self.nll_alpha}")
+        if self.replay < 0:
+            raise ValueError(f"replay must be 0 or more, got {self.replay}")
+        if self.replay and self.method not in REPLAY_METHODS:
+            raise ValueError(f"replay works with methods {REPLAY_METHODS}, not {self.method!r}")
 
 
 @dataclass
@@ -61,6 +81,10 @@ class EditRecord:
     success: bool = False
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
+    replays: int = 0
+    """Earlier edits rehearsed alongside this one."""
+    replays_kept: int = 0
+    """Of those, how many the model still gives (teacher-forced argmax) when this edit ends."""
     failed: str | None = None
     """Why the edit was rolled back (e.g. a non-finite loss), or None."""
 
@@ -100,34 +124,54 @@ def run_edit(
     config: EditConfig,
     optimizer: torch.optim.Optimizer,
     backward: Callable[[Tensor], None] = Tensor.backward,
+    replays: Sequence[Replay] = (),
 ) -> EditRecord:
     """Edit the policy so that greedy decoding after c gives y_w. `input_ids` (1, T) is c+y_w.
 
-    `reference` may be None for FT-M. `backward` lets Lightning pass `manual_backward`.
+    `reference` may be None for FT-M. `backward` lets Lightning pass `manual_backward`. `replays` are
+    earlier edits (c+y_w (1, T_j), target start) to rehearse (kdpo, ftm). The edit runs between
+    `policy.begin_edit()` and `policy.end_edit()`, the latter also on an error.
     Raises NonFiniteError (weights left as they are: the caller rolls back).
     """
+    if config.method not in GRADIENT_METHODS:
+        raise ValueError(f"{config.method} writes its edit in closed form: use KDPOEditor, which runs it (locate.py)")
+    if replays and config.method not in REPLAY_METHODS:
+        raise ValueError(f"replay works with methods {REPLAY_METHODS}, not {config.method!r}")
+    batch = EditBatch.of(input_ids, target_start, replays)
     start_time = time.perf_counter()
-    y_w = input_ids[0, target_start:]
-    n = y_w.numel()
     policy.begin_edit()
-    rows = policy.rows(input_ids, n)  # at edit start these are also the reference's rows
+    try:
+        record = _cycles(policy, reference, batch, config, optimizer, backward)
+    finally:
+        policy.end_edit()
+    record.seconds = time.perf_counter() - start_time
+    return record
+
+
+def _cycles(policy: Policy, reference, batch: EditBatch, config: EditConfig,
+            optimizer: torch.optim.Optimizer, backward: Callable[[Tensor], None]) -> EditRecord:
+    """The cycles of `run_edit`, inside the policy's edit. Row 0 of `batch` is the edit, the others replays."""
+    ids, n, padding = batch.input_ids, batch.n, batch.padding
+    rows = policy.rows(ids, n, **padding)  # at edit start these are also the reference's rows
     if reference is not None:
-        reference.begin_edit(policy, input_ids, n, rows)
-    record, losses = EditRecord(), []
+        reference.begin_edit(policy, ids, n, rows)
+    record, losses = EditRecord(replays=len(batch) - 1), []
     for _ in range(config.n_cycles):
-        y_l = objective.teacher_forced_argmax(rows[0]).detach()
-        if config.early_stop and torch.equal(y_l, y_w):
+        y_l = objective.teacher_forced_argmax(rows).detach()
+        held = batch.held(y_l)
+        if config.early_stop and all(held):
             break
         record.cycles += 1
-        inputs = input_ids  # vanilla DPO: [c+y_w; c+y_l], one batch of two
-        if config.method == "dpo":
-            y_l = greedy_continuation(policy.model, input_ids[:, :target_start], n)[0]
-            inputs = torch.cat([input_ids, torch.cat([input_ids[:, :target_start], y_l[None]], dim=1)])
+        rehearsed = [0] + [row for row in range(1, len(batch)) if not held[row]]  # the edit, replays not kept
+        inputs = ids
+        if config.method == "dpo":  # vanilla DPO: [c+y_w; c+y_l], one batch of two
+            y_l = greedy_continuation(policy.model, ids[:, :-n], n)
+            inputs = torch.cat([ids, torch.cat([ids[:, :-n], y_l], dim=1)])
             rows = torch.cat([rows, policy.rows(inputs[1:], n)])
         for step in range(config.n_steps):
             if step > 0:
-                rows = policy.rows(inputs, n)
-            loss = _loss(config, reference, rows, inputs, y_w, y_l)
+                rows = policy.rows(inputs, n, **padding)
+            loss = _loss(config, reference, rows, inputs, batch, y_l, rehearsed)
             optimizer.zero_grad(set_to_none=True)
             backward(loss)
             optimizer.step()
@@ -135,25 +179,35 @@ def run_edit(
             losses.append(loss.detach())
             record.steps += 1
         _check_finite(losses, policy)
-        rows = policy.rows(input_ids, n)
-    record.success = bool(torch.equal(objective.teacher_forced_argmax(rows[0]), y_w))
+        rows = policy.rows(ids, n, **padding)
+    held = batch.held(objective.teacher_forced_argmax(rows))
+    record.success, record.replays_kept = held[0], sum(held[1:])
     record.losses = [float(x) for x in losses]
-    record.seconds = time.perf_counter() - start_time
     return record
 
 
-def _loss(config: EditConfig, reference, rows: Tensor, inputs: Tensor, y_w: Tensor, y_l: Tensor) -> Tensor:
-    """The method's loss for this step. `rows` (B, n, V) are the policy's rows on `inputs`:
-    c+y_w, and for vanilla DPO also c+y_l."""
-    if config.method == "ftm":
-        return objective.ftm_loss(rows[0], y_w)
-    ref_rows = reference.rows(inputs, y_w.numel())
-    if config.method == "kdpo":
-        loss = objective.kdpo_loss(rows[0], ref_rows[0], y_w, y_l, config.beta, config.mask_where_equal)
-    else:
-        loss = objective.vanilla_dpo_loss(rows[0], rows[1], ref_rows[0], ref_rows[1], y_w, y_l, config.beta,
+def _loss(config: EditConfig, reference, rows: Tensor, inputs: Tensor, batch: EditBatch, y_l: Tensor,
+          rehearsed: list[int]) -> Tensor:
+    """The method's loss for this step: the sum of the losses of the `rehearsed` rows of `batch`.
+    `rows` (B, n, V) are the policy's rows on `inputs`: the batch, or for vanilla DPO c+y_w and c+y_l."""
+    if config.method == "dpo":
+        y_w, ref_rows = batch.target(0), reference.rows(inputs, batch.n)
+        loss = objective.vanilla_dpo_loss(rows[0], rows[1], ref_rows[0], ref_rows[1], y_w, y_l[0], config.beta,
                                           config.mask_where_equal)
-    return objective.nll_anchored(loss, rows[0], y_w, config.nll_alpha)
+        return objective.nll_anchored(loss, rows[0], y_w, config.nll_alpha)
+    ref_rows = reference.rows(inputs, batch.n) if config.method == "kdpo" else None
+    return torch.stack([_edit_loss(config, batch, row, rows, ref_rows, y_l) for row in rehearsed]).sum()
+
+
+def _edit_loss(config: EditConfig, batch: EditBatch, row: int, rows: Tensor, ref_rows: Tensor | None,
+               y_l: Tensor) -> Tensor:
+    """One row's loss, on its own target positions: FT-M's cross-entropy, or KDPO with its NLL anchor."""
+    own, y_w = batch.own(rows, row), batch.target(row)
+    if config.method == "ftm":
+        return objective.ftm_loss(own, y_w)
+    loss = objective.kdpo_loss(own, batch.own(ref_rows, row), y_w, batch.own(y_l, row), config.beta,
+                               config.mask_where_equal)
+    return objective.nll_anchored(loss, own, y_w, config.nll_alpha)
 
 
 def _check_finite(losses: list[Tensor], policy: Policy) -> None:

@@ -80,7 +80,10 @@ def nll_anchored(loss: Tensor, rows: Tensor, y_w: Tensor, alpha: float) -> Tenso
 
 def null_space_projector(covariance: Tensor, threshold: float) -> Tensor:
     """P = U U^T over the eigenvectors of the keys' covariance (I, I) whose eigenvalues are below
-    `threshold` x the largest: an update dW P leaves (dW P) k ~ 0 for every preserved key k (AlphaEdit)."""
+    `threshold` x the largest: an update dW P leaves (dW P) k ~ 0 for every preserved key k (AlphaEdit).
+    A zero covariance has no keys to preserve: P = I."""
+    if not covariance.any():
+        return torch.eye(covariance.shape[0], dtype=covariance.dtype, device=covariance.device)
     values, vectors = torch.linalg.eigh(covariance.double())
     null = vectors[:, values < threshold * values.max()]
     return (null @ null.T).to(covariance.dtype)

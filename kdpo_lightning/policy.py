@@ -152,13 +152,20 @@ def _skinny_head(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def target_rows(model: nn.Module, n_target: int, input_ids: Tensor) -> Tensor:
+def _model_inputs(input_ids: Tensor, **padding: Tensor) -> dict[str, Tensor]:
+    """The keyword inputs of a forward that predicts the tokens of `input_ids`: it and its `padding`
+    (attention_mask, position_ids of a left-padded batch), each without the last position."""
+    return {name: t[:, :-1] for name, t in {"input_ids": input_ids, **padding}.items()}
+
+
+def target_rows(model: nn.Module, n_target: int, input_ids: Tensor, **padding: Tensor) -> Tensor:
     """Log-softmax rows predicting the last `n_target` tokens of `input_ids`: (B, n_target, V), fp32.
 
     The last token is not run (its row would predict past the end), and only the last n_target
-    positions go through the LM head."""
+    positions go through the LM head. `padding` (attention_mask, position_ids) is given for a
+    left-padded batch, whose rows all end at the last position."""
     with _skinny_head(model):
-        logits = model(input_ids=input_ids[:, :-1], logits_to_keep=n_target, use_cache=False).logits
+        logits = model(**_model_inputs(input_ids, **padding), logits_to_keep=n_target, use_cache=False).logits
     return logits.float().log_softmax(-1)
 
 
@@ -191,9 +198,9 @@ def _keep(seen: dict[str, Any], key: str) -> Callable[..., None]:
     return lambda module, args, output: seen.update({key: output})
 
 
-def _run_until(model: nn.Module, input_ids: Tensor, last: nn.Module, hooks: list[RemovableHandle]) -> None:
-    """A no-grad forward of `input_ids` as `target_rows` runs it, stopped after module `last`;
-    `hooks` (registered by the caller) are removed afterwards."""
+def _run_until(model: nn.Module, inputs: dict[str, Tensor], last: nn.Module, hooks: list[RemovableHandle]) -> None:
+    """A no-grad forward of `inputs` (`_model_inputs`), stopped after module `last`; `hooks`
+    (registered by the caller) are removed afterwards."""
 
     def stop(module, args, output):
         raise _StopForward
@@ -201,7 +208,7 @@ def _run_until(model: nn.Module, input_ids: Tensor, last: nn.Module, hooks: list
     hooks.append(last.register_forward_hook(stop))
     try:
         with torch.no_grad():
-            model(input_ids=input_ids[:, :-1], use_cache=False)
+            model(**inputs, use_cache=False)
     except _StopForward:
         pass
     finally:
@@ -254,9 +261,10 @@ class PrefixCache:
         self._fixed.clear()
 
     @contextmanager
-    def replay(self, input_ids: Tensor) -> Iterator[None]:
-        """Within this block, forwards of `input_ids` skip its fixed part (captured on first sight)."""
-        fixed = self._fixed.get(input_ids, lambda: self._capture(input_ids))
+    def replay(self, input_ids: Tensor, **padding: Tensor) -> Iterator[None]:
+        """Within this block, forwards of `input_ids` skip its fixed part (captured on first sight).
+        The key is the `input_ids` tensor: a batch comes with the same `padding` every time."""
+        fixed = self._fixed.get(input_ids, lambda: self._capture(_model_inputs(input_ids, **padding)))
         replacements = {layer: lambda *args, **kwargs: fixed.lower for layer in self.lower}
         if self.projection:
             replacements[self.layer] = lambda *args, **kwargs: fixed.layer_output(
@@ -264,13 +272,13 @@ class PrefixCache:
         with _forwards(replacements):
             yield
 
-    def _capture(self, input_ids: Tensor) -> _Fixed:
+    def _capture(self, inputs: dict[str, Tensor]) -> _Fixed:
         """One no-grad forward, stopped after the last fixed layer. Unless in layer mode, the owner's
         output is zeroed in it, so the trained layer outputs its residual alone."""
         seen: dict[str, Any] = {"calls": []}
         hooks = [self.lower[-1].register_forward_hook(_keep(seen, "lower"))]
         if self.projection is False:
-            _run_until(self.model, input_ids, self.lower[-1], hooks)
+            _run_until(self.model, inputs, self.lower[-1], hooks)
             return _Fixed(seen["lower"])
         hooks += [
             self.owner.register_forward_pre_hook(lambda module, args, kwargs: seen["calls"].append((args, kwargs)),
@@ -279,21 +287,21 @@ class PrefixCache:
                                              if isinstance(out, Tensor) else None),
             self.layer.register_forward_hook(_keep(seen, "residual")),
         ]
-        _run_until(self.model, input_ids, self.layer, hooks)
+        _run_until(self.model, inputs, self.layer, hooks)
         residual, rest = _hidden(seen["residual"])
         fixed = _Fixed(seen["lower"], residual, *(seen["calls"][0] if seen["calls"] else ((), {})), rest)
         if self.projection is None:
-            self.projection = len(seen["calls"]) == 1 and self._is_additive(input_ids, fixed)
+            self.projection = len(seen["calls"]) == 1 and self._is_additive(inputs, fixed)
         return fixed if self.projection else _Fixed(fixed.lower)
 
-    def _is_additive(self, input_ids: Tensor, fixed: _Fixed) -> bool:
+    def _is_additive(self, inputs: dict[str, Tensor], fixed: _Fixed) -> bool:
         """Whether the trained layer's real output is bitwise its residual plus the owner's output
         (one more no-grad forward of that layer, the layers below replayed)."""
         seen: dict[str, Any] = {}
         hooks = [self.owner.register_forward_hook(_keep(seen, "owner")),
                  self.layer.register_forward_hook(_keep(seen, "layer"))]
         with _forwards({layer: lambda *args, **kwargs: fixed.lower for layer in self.lower}):
-            _run_until(self.model, input_ids, self.layer, hooks)
+            _run_until(self.model, inputs, self.layer, hooks)
         owner, layer, residual = seen["owner"], _hidden(seen["layer"])[0], fixed.residual
         return (all(isinstance(t, Tensor) for t in (owner, layer, residual)) and owner.numel() == layer.numel()
                 and layer.shape == residual.shape and torch.equal(layer, residual + owner.reshape(layer.shape)))
@@ -443,10 +451,14 @@ class Policy:
                 self.params[name].copy_(value)
         self.write_back()
 
-    def rows(self, input_ids: Tensor, n_target: int) -> Tensor:
+    def rows(self, input_ids: Tensor, n_target: int, attention_mask: Tensor | None = None,
+             position_ids: Tensor | None = None) -> Tensor:
         """Log-softmax rows predicting the last `n_target` tokens: input (B, T) -> (B, n_target, V).
+        A left-padded batch also gives its attention_mask and position_ids (`generation.left_pad`).
         Within an edit, the input's fixed part is computed once and replayed."""
+        padding = {name: t for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids))
+                   if t is not None}
         if self._prefix is None or not self._editing:
-            return target_rows(self.model, n_target, input_ids=input_ids)
-        with self._prefix.replay(input_ids):
-            return target_rows(self.model, n_target, input_ids=input_ids)
+            return target_rows(self.model, n_target, input_ids=input_ids, **padding)
+        with self._prefix.replay(input_ids, **padding):
+            return target_rows(self.model, n_target, input_ids=input_ids, **padding)

@@ -1,5 +1,5 @@
-"""The speed bench drives the package's internals (Policy, run_edit, a KDPOEditor subclass): its smoke
-run keeps it in step with them. Variant d once crashed on its first GPU run after the editor gained
+"""The speed bench drives the package (Policy, run_edit, KDPOEditor as shipped under a plain Trainer): its
+smoke run keeps it in step with them. Variant d once crashed on its first GPU run after the editor gained
 retention curves, with no CPU run to show it."""
 import json
 import os
@@ -25,4 +25,4 @@ def test_edit_speed_quick_runs_every_variant_and_their_losses_match_the_naive_ed
     for variant, edits in [*((v, result["variants"][v]["edits"]) for v in "bcd"),
                            ("d-trainer", result["variants"]["d"]["trainer_edits"])]:
         losses = [loss for edit in edits for loss in edit["losses"]]
-        assert max(abs(x - y) for x, y in zip(losses, naive, strict=True)) < 1e-4, variant
+        assert max(abs(x - y) for x, y in zip(losses, naive, strict=True)) < 1e-6, variant

@@ -36,9 +36,29 @@ def test_every_config_parses(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_.value.code == 0
     printed = capsys.readouterr().out
-    for knob in ("n_cycles:", "n_steps:", "lr:", "beta:", "mask_where_equal:", "layer:", "method:", "eval_mode:",
+    for knob in ("n_cycles:", "n_steps:", "lr:", "beta:", "mask_where_equal:", "layer:", "method:", "evaluation:",
                  "n_edits:", "seed_everything:", "every_n_edits:"):
         assert knob in printed
+
+
+def test_flat_flags_of_earlier_releases_still_apply(capsys):
+    """`--model.lr` is `--model.edit.lr`, `--model.eval_mode` is `--evaluation.mode`, `--model.results_path` is
+    `--results.path`, in both spellings (`--flag value` and `--flag=value`)."""
+    import yaml
+
+    configs = []
+    for args in (["--model.lr", "0.5", "--model.layer=3", "--model.eval_mode", "after_each",
+                  "--model.results_path", "r.json", "--model.eval_every_n_edits", "4"],
+                 ["--model.edit.lr", "0.5", "--model.target.layer=3", "--evaluation.mode", "after_each",
+                  "--results.path", "r.json", "--retention.every_n_edits", "4"]):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(ROOT / "configs/demo.yaml"), *args, "--print_config"])
+        configs.append(yaml.safe_load(capsys.readouterr().out))
+    old, new = configs
+    assert old == new
+    assert new["model"]["edit"]["lr"] == 0.5 and new["model"]["target"]["layer"] == 3
+    assert new["evaluation"]["mode"] == "after_each" and new["results"]["path"] == "r.json"
+    assert new["retention"]["every_n_edits"] == 4
 
 
 @pytest.mark.parametrize("override", METHOD_OVERRIDES, ids=lambda p: p.stem)
@@ -73,6 +93,7 @@ def test_fit_end_to_end_in_a_subprocess(tiny_dir, tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Edit Succ." in proc.stdout and "Results written to" in proc.stdout
+    assert "litlogger" not in proc.stdout + proc.stderr  # Lightning's advert is silenced
 
     (results_path,) = run_dir.glob("lightning_logs/version_*/results.json")
     results = json.loads(results_path.read_text())
@@ -124,3 +145,21 @@ def test_two_runs_in_one_folder_keep_both_edits(tiny_dir, tmp_path, capsys):
     assert kept.keys() == again.keys() == other.keys()
     for name in kept:
         assert torch.equal(again[name], kept[name]) and not torch.equal(other[name], kept[name])
+
+
+def test_results_record_paths_relative_to_the_run_not_the_machine(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Run from a folder holding the model, data and results: no absolute path of this machine in the JSON."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_dir, tmp_path / "model")
+    shutil.copy(DEMO_ZSRE, tmp_path / "zsre.json")
+    args = _tiny_args(tmp_path / "model", tmp_path / "run", n_edits=2) + ["--model.fluency", "false"]
+    args += ["--data.path", str(tmp_path / "zsre.json"), "--results.path", str(tmp_path / "out" / "r.json")]
+    assert main(["fit", *args]) == 0
+    text = (tmp_path / "out" / "r.json").read_text()
+    assert str(tmp_path) not in text
+    results = json.loads(text)
+    assert results["model"] == "model" and results["dataset"] == "zsre.json"
+    assert results["config"]["results"]["path"] == "out/r.json"
+    assert results["requests"][0]["source"].startswith("zsre.json#")

@@ -52,7 +52,7 @@ def _fit_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
 def _comparable(results: dict) -> dict:
     """A results JSON without what legitimately differs between two runs of the same config."""
     results = copy.deepcopy(results)
-    del results["config"]["results_path"]  # each run writes its own file
+    del results["config"]["results"]  # each run writes its own file
     for request in results["requests"]:
         del request["seconds"]  # wall-clock time of the edit
     return results
@@ -331,7 +331,7 @@ def test_missing_model_dir(capsys, run_dir, model_dir, tmp_path):
     missing = tmp_path / "no-such-model"
     msg = _fails(capsys, run_dir, model_dir, model=missing)
     assert msg.startswith(f"model '{missing}' not found. Looked for:\n")
-    assert f"no directory at {missing}" in msg and "Nothing is downloaded from the Hub" in msg
+    assert f"no directory at {missing}" in msg and "the Hugging Face hub: not a hub id" in msg
 
 
 def test_missing_data_file(capsys, run_dir, model_dir, tmp_path):
@@ -492,5 +492,5 @@ def test_argument_of_the_wrong_type(capsys, run_dir, model_dir):
     with pytest.raises(SystemExit) as exit_:
         main(_fit_args(model_dir, out, "--model.lr", "fast"))
     assert exit_.value.code == 2
-    assert 'error: Parser key "model.lr":\n  Expected a <class \'float\'>. Got value: fast' in capsys.readouterr().err
+    assert 'error: Parser key "model.edit.lr":\n  Expected a <class \'float\'>. Got value: fast' in capsys.readouterr().err
     assert _snapshot(out) == before

@@ -12,7 +12,7 @@ from kdpo_lightning.data import SequentialEditDataModule
 from kdpo_lightning.evaluate import EditEvaluator
 from kdpo_lightning.module import KDPOEditor
 
-HPARAMS = dict(lr=1e-3, n_cycles=3, n_steps=4, fluency=False)
+HPARAMS = dict(lr=1e-3, n_cycles=3, n_steps=4)
 
 
 @pytest.fixture(autouse=True)
@@ -86,6 +86,6 @@ def test_resumed_run_keeps_the_curve(tiny_llama_dir, tmp_path):
     assert [r["edit_success_right_after"] for r in a["requests"]] == [r["edit_success_right_after"] for r in b["requests"]]
 
 
-def test_retention_needs_sequential_mode():
-    with pytest.raises(ValueError, match="eval_every_n_edits follows a sequence of edits"):
-        KDPOEditor(edit_mode="single", eval_every_n_edits=5)
+def test_retention_needs_sequential_mode(tiny_llama_dir, tmp_path, capsys):
+    assert main(_args(tiny_llama_dir, tmp_path, "--model.edit_mode", "single")) == 2
+    assert "every_n_edits follows a sequence of edits" in capsys.readouterr().err

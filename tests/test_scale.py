@@ -10,13 +10,14 @@ import pytest
 import torch
 from conftest import DEMO_ZSRE, make_bpe_tokenizer, tiny_model
 
+from kdpo_lightning.callbacks import EditEvaluation, EditResults
 from kdpo_lightning.cli import main
 from kdpo_lightning.data import SequentialEditDataModule
 from kdpo_lightning.evaluate import EditEvaluator
 from kdpo_lightning.module import KDPOEditor
 
 ROOT = Path(__file__).resolve().parents[1]
-HPARAMS = dict(lr=1e-3, n_cycles=4, n_steps=4, fluency=False)
+HPARAMS = dict(lr=1e-3, n_cycles=4, n_steps=4)
 
 
 def _datamodule(tokenizer, n: int) -> SequentialEditDataModule:
@@ -34,9 +35,9 @@ def _trainer(**kwargs) -> L.Trainer:
 def test_single_mode_restores_the_model_and_scores_each_edit_alone(tmp_path):
     tokenizer = make_bpe_tokenizer()
     dm = _datamodule(tokenizer, n=4)
-    editor = KDPOEditor.from_model(tiny_model("llama"), tokenizer, **HPARAMS, edit_mode="single",
-                                   results_path=str(tmp_path / "results.json"))
-    _trainer().fit(editor, datamodule=dm)
+    editor = KDPOEditor.from_model(tiny_model("llama"), tokenizer, **HPARAMS, edit_mode="single")
+    evaluation = EditEvaluation(fluency=False)
+    _trainer(callbacks=[evaluation, EditResults(str(tmp_path / "results.json"))]).fit(editor, datamodule=dm)
 
     original = dict(tiny_model("llama").named_parameters())
     for name, param in editor.lm.named_parameters():
@@ -53,7 +54,7 @@ def test_single_mode_restores_the_model_and_scores_each_edit_alone(tmp_path):
         (row,) = evaluator.evaluate(fresh.lm, [i])
         assert editor.records[i]["losses"] == pytest.approx(record.losses, abs=1e-6)
         for key in ("edit_success", "rephrase", "portability_mean", "locality_mean"):
-            assert editor.rows[i][key] == pytest.approx(row[key], abs=1e-9), (i, key)
+            assert evaluation.rows[i][key] == pytest.approx(row[key], abs=1e-9), (i, key)
 
 
 def _cli_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -64,20 +65,36 @@ def _cli_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
             "--model.results_path", str(out / "results.json"), *extra]
 
 
+def _model_knowing(model_dir: Path, out: Path, request) -> Path:
+    """A copy of the model at `model_dir` edited until it already answers `request`: its edit needs no step."""
+    from kdpo_lightning.models import load_model
+
+    model, tokenizer = load_model(str(model_dir), dtype="float32", device="cpu")
+    with KDPOEditor.from_model(model, tokenizer, layer=2, method="ftm", lr=1e-2, n_cycles=10, n_steps=8) as editor:
+        assert editor.edit(request).success
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def test_single_mode_over_two_processes_equals_one(tiny_llama_dir, tmp_path):
-    """7 requests over 2 CPU processes (gloo): the same per-request metrics as 1 process, each once, in order."""
+    """7 requests over 2 CPU processes (gloo), one already known (no step) in the middle of rank 0's shard and a
+    padding row on rank 1: no hang, and the same per-request metrics as 1 process, each once, in order."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    known = 2  # rank 0's shard is 0, 2, 4, 6; rank 1's is 1, 3, 5 and a padding row
+    model_dir = _model_knowing(tiny_llama_dir, tmp_path / "model", _datamodule(make_bpe_tokenizer(), 7).requests[known])
     results = {}
     for devices in (1, 2):
         out = tmp_path / f"devices{devices}"
         extra = ["--trainer.strategy", "ddp", "--trainer.devices", "2"] if devices == 2 else []
-        proc = subprocess.run([sys.executable, "-m", "kdpo_lightning.cli", *_cli_args(tiny_llama_dir, out, *extra)],
+        proc = subprocess.run([sys.executable, "-m", "kdpo_lightning.cli", *_cli_args(model_dir, out, *extra)],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[devices] = json.loads((out / "results.json").read_text())
     one, two = results[1]["requests"], results[2]["requests"]
     assert [r["index"] for r in two] == [r["index"] for r in one] == list(range(7))
     assert [r["rank"] for r in one] == [0] * 7 and [r["rank"] for r in two] == [i % 2 for i in range(7)]
+    assert one[known]["steps"] == two[known]["steps"] == 0 and all(r["steps"] > 0 for r in two if r["index"] != known)
     for a, b in zip(one, two):
         for key in ("edit_success", "rephrase", "portability_mean", "locality_mean", "first_loss", "last_loss"):
             assert b[key] == pytest.approx(a[key], abs=1e-6), (a["index"], key)
@@ -122,8 +139,9 @@ def test_model_placed_by_accelerate_edits_as_the_unplaced_one(tmp_path):
     assert placed.model.layers[0].self_attn.q_proj.weight.device.type == "meta"  # really offloaded
     runs = {}
     for name, model in (("placed", placed), ("plain", tiny_model("llama"))):
-        editor = KDPOEditor.from_model(model, tokenizer, **HPARAMS, results_path=str(tmp_path / f"{name}.json"))
-        _trainer().fit(editor, datamodule=_datamodule(tokenizer, n=3))
+        editor = KDPOEditor.from_model(model, tokenizer, **HPARAMS)
+        results = EditResults(str(tmp_path / f"{name}.json"))
+        _trainer(callbacks=[EditEvaluation(fluency=False), results]).fit(editor, datamodule=_datamodule(tokenizer, n=3))
         runs[name] = editor
     for i in range(3):
         assert runs["placed"].records[i]["losses"] == pytest.approx(runs["plain"].records[i]["losses"], abs=1e-6)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from kdpo_lightning.constraints import NormBound, NullSpace, key_covariances, projection_module
+from kdpo_lightning import sources
+from kdpo_lightning.constraints import NormBound, NullSpace, cached_covariances, key_covariances, projection_module
 from kdpo_lightning.data import EditRequest, encode
 from kdpo_lightning.loop import EditConfig
 from kdpo_lightning.module import KDPOEditor
@@ -48,7 +49,7 @@ def test_bound_change_scales_only_changes_past_the_bound():
 
 
 def _editor(bpe_tokenizer, **hparams):
-    return KDPOEditor.from_model(tiny_model("llama"), bpe_tokenizer, lr=1e-3, fluency=False, **hparams)
+    return KDPOEditor.from_model(tiny_model("llama"), bpe_tokenizer, lr=1e-3, **hparams)
 
 
 def test_nll_anchor_in_an_edit(bpe_tokenizer):
@@ -136,3 +137,55 @@ def test_norm_bound_holds_over_a_sequence(bpe_tokenizer):
     assert change <= 0.01 * original.norm() * (1 + 1e-5)
     assert change > 0.009 * original.norm()  # the bound was reached, so it was active
     assert isinstance(editor.policy.constraints[0], NormBound)
+
+
+def test_a_zero_covariance_protects_nothing():
+    """No keys: the projector is the identity (not 0, which would block every update)."""
+    assert torch.equal(null_space_projector(torch.zeros(5, 5), threshold=0.01), torch.eye(5))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # a Linear and a Conv1D projection
+def test_no_preserved_text_is_zero_covariances_without_data_or_disk(bpe_tokenizer, arch, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDPO_LIGHTNING_CACHE", str(tmp_path))
+    monkeypatch.setattr(sources, "data_dirs", lambda: [])  # reading any text would fail
+    model = tiny_model(arch)
+    editor = KDPOEditor.from_model(model, bpe_tokenizer)
+    (name,) = editor.policy.params
+    covariances = cached_covariances(model, bpe_tokenizer, [name], 0, "org/tiny", torch.device("cpu"))
+    width = {"llama": 128, "gpt2": 256}[arch]  # the projection's input: the MLP's width
+    assert torch.equal(covariances[name], torch.zeros(width, width))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="0 or more"):
+        cached_covariances(model, bpe_tokenizer, [name], -1, "org/tiny", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_null_space_of_earlier_edits_only_protects_their_keys_and_lets_the_next_edit_land(bpe_tokenizer, dtype):
+    """`nullspace_texts: 0`: before any edit P = I (the first edit is free); after it, later updates leave
+    that edit's keys (the projection's inputs at the positions predicting y_w, read here from a full
+    forward) where they were, and the next edit still succeeds."""
+    editor = KDPOEditor.from_model(tiny_model("llama").to(dtype), bpe_tokenizer, lr=1e-3,
+                                   nullspace_threshold=1e-4, nullspace_texts=0)
+    editor._ensure_constraints()
+    (null_space,) = editor.policy.constraints
+    (name,) = editor.policy.params
+    assert isinstance(null_space, NullSpace) and torch.equal(null_space.projectors[name], torch.eye(128))
+    module = projection_module(editor.lm, name)
+    first = encode(bpe_tokenizer, PROMPT, TARGET)
+    keys = []
+    handle = module.register_forward_pre_hook(lambda mod, args: keys.append(args[0][0].float()))
+    with torch.no_grad():
+        editor.lm(input_ids=torch.tensor([first.input_ids]))
+    handle.remove()
+    edit_keys = keys[0][first.target_start - 1 : -1]
+
+    assert editor.edit(EditRequest(PROMPT, TARGET, "Epaspidoceras")).success
+    assert null_space.n_edits == 1
+    projector = null_space.projectors[name]
+    assert (edit_keys @ projector).abs().max() < 1e-4 * edit_keys.abs().max()  # P k ~ 0 (P symmetric)
+    assert torch.trace(projector) > 128 - 2 * len(edit_keys)  # the rest of the space stays free
+    before = editor.policy.params[name].detach().clone()  # the fp32 master (bf16: the model's is rounded)
+    second = editor.edit(EditRequest("What voice type is Louise Grandjean?", "soprano", "Louise Grandjean"))
+    delta = editor.policy.params[name].detach() - before
+    assert second.success and second.steps > 0
+    assert (delta @ edit_keys.T).abs().max() < 1e-3 * delta.abs().max() * edit_keys.abs().max()
