@@ -77,7 +77,8 @@ class EditEvaluation(L.Callback):
         if mode not in EVAL_MODES:
             raise ValueError(f"evaluation mode must be one of {EVAL_MODES}, got {mode!r}")
         self.mode, self.batch_size, self.fluency, self.fluency_sampling = mode, batch_size, fluency, fluency_sampling
-        self.max_new_tokens, self.generation, self.generation_max_tokens = max_new_tokens, generation, generation_max_tokens
+        self.max_new_tokens, self.generation = max_new_tokens, generation
+        self.generation_max_tokens = generation_max_tokens
         self.chat_template = chat_template
         self.evaluator: EditEvaluator | None = None
         self.rows: dict[int, dict] = {}
@@ -303,8 +304,8 @@ class EditResults(L.Callback):
         datamodule = getattr(trainer, "datamodule", None)
         data = _plain(dict(getattr(datamodule, "hparams", {})))
         dataset = data.get("path", "")
-        config = {**hparams, "data": data, **{name: _plain(c.settings) for name, c in
-                                              (("evaluation", evaluation), ("retention", retention), ("results", self)) if c}}
+        measured = {"evaluation": evaluation, "retention": retention, "results": self}
+        config = {**hparams, "data": data, **{name: _plain(c.settings) for name, c in measured.items() if c}}
         curve = retention.curve if retention else []
         rows = [{**row, "source": portable(row["source"])} if "source" in row else row for row in rows]
         write_results(path, config=config, model=portable(pl_module.hparams.name_or_path), dataset=dataset,

@@ -34,7 +34,8 @@ class Constraints:
     """Project each update onto the null space of preserved keys and earlier edits' keys (AlphaEdit's
     projection): eigenvalues below threshold x the largest. None: off."""
     nullspace_texts: int = 1000
-    """HellaSwag contexts and MMLU questions each, for the preserved keys (also MEMIT/AlphaEdit's covariance)."""
+    """HellaSwag contexts and MMLU questions each, for the preserved keys (also MEMIT/AlphaEdit's covariance).
+    0: no preserved text; the null space protects only earlier edits' keys (P = I before the first edit)."""
     max_change: float | None = None
     """Keep ||W - W_0||_F <= max_change x ||W_0||_F, W_0 the tensor before the first edit. None: off."""
 
@@ -92,4 +93,5 @@ def group_flat(groups: dict[str, type], kwargs: dict[str, Any]) -> dict[str, Any
 
 def flat_flags(groups: dict[str, type], prefix: str = "model") -> dict[str, str]:
     """{old flag: new flag} for every group field, e.g. `--model.layer` -> `--model.target.layer`."""
-    return {f"--{prefix}.{f.name}": f"--{prefix}.{group}.{f.name}" for group, cls in groups.items() for f in fields(cls)}
+    return {f"--{prefix}.{f.name}": f"--{prefix}.{group}.{f.name}"
+            for group, cls in groups.items() for f in fields(cls)}

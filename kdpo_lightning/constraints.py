@@ -203,9 +203,10 @@ def _layer_prefix(name: str) -> str:
     return name if index is None else ".".join(parts[: index + 1]) + "."
 
 
-def build_constraints(model: nn.Module, tokenizer, params: dict[str, Tensor], limits, model_id: str) -> list:
+def build_constraints(model: nn.Module, tokenizer, params: dict[str, Tensor], limits, model_id: str,
+                      states: Sequence[dict] = ()) -> list:
     """The constraints `limits` (a `config.Constraints`) asks for on the trained `params`: the null space
-    (covariance cached on disk) and the norm bound; [] when both are off."""
+    (covariance cached on disk) and the norm bound, [] when both are off; `states` restore a checkpoint's."""
     constraints: list = []
     if limits.nullspace_threshold is not None:
         device = next(model.parameters()).device
@@ -213,4 +214,6 @@ def build_constraints(model: nn.Module, tokenizer, params: dict[str, Tensor], li
         constraints.append(NullSpace(model, covariances, limits.nullspace_threshold))
     if limits.max_change is not None:
         constraints.append(NormBound(params, limits.max_change))
+    for constraint, state in zip(constraints, states):
+        constraint.load_state_dict(state)
     return constraints

@@ -427,4 +427,25 @@ class LocateThenEdit:
     def _succeeds(self, fact: _Fact) -> bool:
         """Whether the greedy teacher-forced tokens over y_w are y_w (the success rule of `loop.run_edit`)."""
         rows = target_rows(self.model, len(fact.y_w), input_ids=torch.tensor([fact.input_ids], device=self.device))
-        return bool(torch.equal(teacher_forced_argmax(rows[0]).cpu(), torch.tensor(fact.y_w)))
+        return teacher_forced_argmax(rows[0]).tolist() == list(fact.y_w)
+
+
+def trained_names(model: nn.Module, config: LocateConfig) -> list[str]:
+    """The weights `config` edits: each of its layers' MLP output projection (default layers scaled to depth)."""
+    layers = config.layers if config.layers is not None else default_layers(len(find_layers(model)[1]))
+    return edited_weight_names(model, layers)
+
+
+def cached_locator(model: nn.Module, tokenizer, method: str, config: LocateConfig, n_texts: int, model_id: str,
+                   state: dict | None = None) -> LocateThenEdit:
+    """A `LocateThenEdit` whose preserved keys' second moment comes from the null-space variant's cached
+    covariance of `n_texts` generic texts (`constraints.cached_covariances`), restored from `state` if given."""
+    from .constraints import cached_covariances
+
+    names = trained_names(model, config)
+    device = model.get_input_embeddings().weight.device
+    locator = LocateThenEdit(model, tokenizer, method, config,
+                             cached_covariances(model, tokenizer, names, n_texts, model_id, device))
+    if state:
+        locator.load_state_dict(state)
+    return locator

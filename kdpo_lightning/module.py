@@ -1,15 +1,10 @@
-"""`KDPOEditor`: the LightningModule that edits a causal LM with a stream of edit requests.
-
-Each batch is one edit request `{"index", "input_ids", "target_start"}`. In `sequential` mode edits run in
-order, each starting from the weights the previous one left; in `single` mode (EasyEdit's
-`sequential_edit=False`) each starts from the original weights and is rolled back after the batch (the
-callbacks score it first), so requests are independent and can be sharded over processes
-(`trainer.strategy: ddp`). The module only edits: evaluation, retention curves and result files are
-Callbacks (`callbacks.py`). Usable as `lightning.Trainer(...).fit(editor, dataloader)`, or without a
-Trainer through `editor.edit(request)`; `close()` (or a `with` block) gives the model back as it came.
-"""
+"""`KDPOEditor`: the LightningModule that edits a causal LM, one request `{"index", "input_ids", "target_start"}`
+per batch. `sequential` edits build on each other; `single` ones (EasyEdit's `sequential_edit=False`) are rolled
+back after the batch, once callbacks scored them, and can be sharded over processes. Evaluation, curves and files
+are Callbacks (`callbacks.py`); `close()` gives the model back as it came."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict
 from typing import Any
@@ -20,17 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from .config import GROUPS, Constraints, Loading, Target, check_edit_mode, group_flat
-from .constraints import NullSpace, build_constraints, cached_covariances
+from .constraints import NullSpace, build_constraints
 from .data import EditRequest, Encoded, encode
 from .distributed import gather_dicts, independent_of_other_processes
-from .locate import LOCATE_METHODS, LocateConfig, LocateThenEdit, default_layers, edited_weight_names
+from .locate import LOCATE_METHODS, LocateConfig, LocateThenEdit, cached_locator, trained_names
 from .loop import EditConfig, EditRecord, NonFiniteError, run_edit
-from .models import warn_if_slow_on_cpu
-from .policy import Policy, find_layers
-from .reference import make_reference
-
-DEFAULT_REFERENCE = {"kdpo": "cached", "dpo": "swap", "ftm": None, "memit": None, "alphaedit": None}
-
+from .models import load_model, warn_if_slow_on_cpu
+from .policy import Policy
+from .reference import make_reference, reference_for
+from .replay import Rehearsal
+from .saving import apply_edit
 
 class KDPOEditor(L.LightningModule):
     """Knowledge editing with KDPO (or vanilla DPO / FT-M) on one trained tensor of a causal LM."""
@@ -47,8 +41,7 @@ class KDPOEditor(L.LightningModule):
             constraints: null space / norm bound against forgetting in long sequences (off: the paper).
             locate: MEMIT/AlphaEdit's settings (`edit.method: memit | alphaedit`).
             load: dtype and placement of the model.
-            edit_mode: sequential (each edit starts from the previous one; the paper's protocol) or single
-                (each starts from the original weights and is rolled back after it is scored).
+            edit_mode: sequential (the paper's protocol) or single (each edit rolled back once scored).
             batch_size: requests MEMIT/AlphaEdit write at once (1: the same stream as KDPO).
             apply_edit: a saved edit (.safetensors) to apply before `validate`/`test` evaluate it.
         """
@@ -61,20 +54,15 @@ class KDPOEditor(L.LightningModule):
         self.config, self.target, self.limits, self.loading, self.locate = edit, target, constraints, load, locate
         if batch_size != 1 and edit.method not in LOCATE_METHODS:
             raise ValueError(f"batch_size {batch_size}: only MEMIT and AlphaEdit write several requests at once")
-        self.reference_name = target.reference if target.reference is not None else DEFAULT_REFERENCE[edit.method]
-        if edit.method == "dpo" and self.reference_name == "cached":
-            raise ValueError("vanilla DPO scores y_l in a new context every cycle: use reference 'swap' or 'copy'")
-        if self.reference_name is not None:
-            make_reference(self.reference_name)  # fail on a bad name now, not at the first edit
+        self.reference_name = reference_for(edit.method, target.reference)
         check_edit_mode(edit_mode, 1)
         self.lm: nn.Module | None = None
         self.tokenizer = None
         self.policy: Policy | None = None
-        self.records: dict[int, dict[str, Any]] = {}
-        """Per edited request index: its edit record (cycles, steps, losses, success, seconds, rank)."""
-        self._original: dict[str, Tensor] | None = None
-        """Single mode: the trained tensors before any edit, restored after each one."""
+        self.records: dict[int, dict[str, Any]] = {}  # per edited request: cycles, steps, losses, success, ...
+        self._original: dict[str, Tensor] | None = None  # single mode: the trained tensors before any edit
         self.locator: LocateThenEdit | None = None
+        self.rehearsal = Rehearsal(seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))  # earlier edits, for `edit.replay`
         self._pending: list[int] = []
         self._stay = False
         self._was_training: bool | None = None
@@ -91,10 +79,10 @@ class KDPOEditor(L.LightningModule):
     def load(self) -> None:
         """Load the model and tokenizer once (lazily, so `--print_config` and `__init__` stay cheap)."""
         if self.lm is None:
-            from .models import load_model
-
             model, tokenizer = load_model(self.hparams.name_or_path, **self.loading.load_model_kwargs())
             self._attach(model, tokenizer)
+
+    configure_model = load
 
     def _attach(self, model: nn.Module, tokenizer) -> None:
         self._was_training = model.training
@@ -106,14 +94,12 @@ class KDPOEditor(L.LightningModule):
         self.tokenizer = tokenizer
         trainable = self.target.trainable
         if self.config.method in LOCATE_METHODS:  # MEMIT/AlphaEdit write several layers' projections
-            layers = self.locate.layers or default_layers(len(find_layers(model)[1]))
-            trainable = [re.escape(name) for name in edited_weight_names(model, layers)]
+            trainable = [re.escape(name) for name in trained_names(model, self.locate)]
         self.policy = Policy(model, trainable=trainable, layer=self.target.layer, prefix_cache=self.target.prefix_cache)
         self.reference = make_reference(self.reference_name) if self.reference_name else None
 
     def close(self) -> None:
-        """Give the model back as it came: hooks removed, `requires_grad` flags and train/eval mode restored.
-        The edits stay in its weights."""
+        """Give the model back as it came (hooks, `requires_grad` flags, train/eval mode); the edits stay."""
         if self.policy is not None:
             self.policy.close()
             self.lm.train(bool(self._was_training))
@@ -132,9 +118,6 @@ class KDPOEditor(L.LightningModule):
             self.lm.eval()
         return self
 
-    def configure_model(self) -> None:
-        self.load()
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.policy.params.values(), lr=self.config.lr)
 
@@ -149,7 +132,7 @@ class KDPOEditor(L.LightningModule):
         if self.config.method in LOCATE_METHODS:
             return self._locate_edit([request])[0]
         encoded = request if isinstance(request, Encoded) else self.encode(request)
-        input_ids = torch.tensor([encoded.input_ids], device=self._lm_device())
+        input_ids = torch.tensor([encoded.input_ids], device=self.lm.device)
         optimizer = torch.optim.Adam(self.policy.params.values(), lr=self.config.lr)
         return self._edit(input_ids, encoded.target_start, optimizer, Tensor.backward)
 
@@ -194,8 +177,7 @@ class KDPOEditor(L.LightningModule):
         self._stay = not self.loading.offload_after_fit
 
     def cpu(self) -> "KDPOEditor":
-        """Lightning's teardown moves the module to the CPU after every fit; the edited model stays put unless
-        `load.offload_after_fit` (an explicit `editor.cpu()` always moves it)."""
+        """Lightning's teardown after a fit moves the module to the CPU: skipped unless `load.offload_after_fit`."""
         if self._stay:
             self._stay = False
             return self
@@ -204,8 +186,6 @@ class KDPOEditor(L.LightningModule):
     def on_validation_start(self) -> None:
         """`validate`/`test` score a saved edit: apply it (callbacks snapshot the model before, as they run first)."""
         if self.hparams.apply_edit and self.trainer.state.fn != TrainerFn.FITTING:
-            from .saving import apply_edit
-
             apply_edit(self.lm, self.hparams.apply_edit)
 
     on_test_start = on_validation_start
@@ -222,7 +202,8 @@ class KDPOEditor(L.LightningModule):
         checkpoint["state_dict"] = {f"lm.{k}": v.detach().cpu() for k, v in values.items()}
         checkpoint["kdpo"] = {"records": self.records, "rng": torch.get_rng_state(),
                               "constraints": [c.state_dict() for c in self.policy.constraints],
-                              "locate": self.locator.state_dict() if self.locator else None}
+                              "locate": self.locator.state_dict() if self.locator else None,
+                              "rehearsal": self.rehearsal.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.policy.load_values({k.removeprefix("lm."): v for k, v in checkpoint.pop("state_dict").items()})
@@ -230,6 +211,7 @@ class KDPOEditor(L.LightningModule):
         state = checkpoint["kdpo"]
         self.records = {int(k): v for k, v in state["records"].items()}
         self._restored = state
+        self.rehearsal.load_state_dict(state["rehearsal"])
         torch.set_rng_state(state["rng"])
 
     def _edit(self, input_ids: Tensor, target_start: int, optimizer, backward) -> EditRecord:
@@ -237,12 +219,16 @@ class KDPOEditor(L.LightningModule):
         if self.config.train_stop:  # y_w and then the stop token: the model learns to end its answer there
             input_ids = torch.cat([input_ids, input_ids.new_tensor([[self.tokenizer.eos_token_id]])], dim=1)
         sequential = self._original is None
+        replays = self.rehearsal.sample(self.config.replay, input_ids.device) if sequential else []
         before = self.policy.original_values()
         try:
-            record = run_edit(self.policy, self.reference, input_ids, target_start, self.config, optimizer, backward)
+            record = run_edit(self.policy, self.reference, input_ids, target_start, self.config, optimizer, backward,
+                              replays)
         except NonFiniteError as err:
             self.policy.load_values(before)
             return EditRecord(failed=str(err))
+        if sequential and self.config.replay:
+            self.rehearsal.add(input_ids, target_start)
         for constraint in self.policy.constraints:
             if isinstance(constraint, NullSpace) and sequential:  # protect this edit from the next ones
                 constraint.add_edit(input_ids, target_start)
@@ -250,23 +236,14 @@ class KDPOEditor(L.LightningModule):
 
     def _locate_edit(self, requests: list[EditRequest]) -> list[EditRecord]:
         """MEMIT/AlphaEdit: write the requests in closed form (the preserved keys' covariance is cached on disk)."""
-        if self.locator is None:
-            covariances = cached_covariances(self.lm, self.tokenizer, list(self.policy.params),
-                                             self.limits.nullspace_texts, self.hparams.name_or_path, self._lm_device())
-            self.locator = LocateThenEdit(self.lm, self.tokenizer, self.config.method, self.locate, covariances)
-            if self._restored.get("locate"):
-                self.locator.load_state_dict(self._restored["locate"])
+        args = (self.config.method, self.locate, self.limits.nullspace_texts, self.hparams.name_or_path)
+        self.locator = self.locator or cached_locator(self.lm, self.tokenizer, *args, self._restored.get("locate"))
         records = self.locator.edit(requests)
         self.policy.sync_masters()  # the fp32 masters follow what was written into the model
         return records
 
     def _ensure_constraints(self) -> None:
         """Build the update constraints once, restoring their state from a checkpoint."""
-        if not self.policy.constraints:
-            self.policy.constraints = build_constraints(self.lm, self.tokenizer, self.policy.params, self.limits,
-                                                        self.hparams.name_or_path)
-            for constraint, state in zip(self.policy.constraints, self._restored.get("constraints", [])):
-                constraint.load_state_dict(state)
-
-    def _lm_device(self) -> torch.device:
-        return next(self.lm.parameters()).device
+        self.policy.constraints = self.policy.constraints or build_constraints(
+            self.lm, self.tokenizer, self.policy.params, self.limits, self.hparams.name_or_path,
+            self._restored.get("constraints", []))

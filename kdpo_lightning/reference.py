@@ -82,3 +82,17 @@ def make_reference(name: str) -> CachedReference | SwapReference | CopyReference
     if name not in REFERENCES:
         raise ValueError(f"unknown reference {name!r}; choose one of {sorted(REFERENCES)}")
     return REFERENCES[name]()
+
+
+DEFAULT_REFERENCE = {"kdpo": "cached", "dpo": "swap"}
+"""Each preference method's reference when none is named; FT-M and the closed-form methods use none."""
+
+
+def reference_for(method: str, name: str | None) -> str | None:
+    """The reference `method` uses: `name`, else the method's default; checked now, not at the first edit."""
+    name = name if name is not None else DEFAULT_REFERENCE.get(method)
+    if method == "dpo" and name == "cached":
+        raise ValueError("vanilla DPO scores y_l in a new context every cycle: use reference 'swap' or 'copy'")
+    if name is not None:
+        make_reference(name)
+    return name

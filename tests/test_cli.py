@@ -163,3 +163,13 @@ def test_results_record_paths_relative_to_the_run_not_the_machine(tiny_dir, tmp_
     assert results["model"] == "model" and results["dataset"] == "zsre.json"
     assert results["config"]["results"]["path"] == "out/r.json"
     assert results["requests"][0]["source"].startswith("zsre.json#")
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.stem != "demo"], ids=lambda p: p.stem)
+def test_paper_configs_train_layer_21_as_the_paper(config, capsys):
+    """Appendix B: "We only optimized layer 21", for every model (not 2/3 of each model's depth)."""
+    import yaml
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["target"]["layer"] == 21
