@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import report
+import quality
 from quality import bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ EDIT_NULL = ["--model.constraints.nullspace_threshold", "0.01", "--model.constra
 METHODS = {  # name: overrides of configs/demo.yaml; a new variant is one more line
     "ftm": ["--model.edit.method", "ftm"],
     "kdpo": [],
-    "alphaedit": ["--model.edit.method", "alphaedit"],
+    "alphaedit": quality.METHODS["alphaedit"],  # the settings of the side-by-side report (see bench/quality.py)
     "kdpo_replay3": REPLAY3,
     "kdpo_replay8": ["--model.edit.replay", "8"],
     "kdpo_editnull": EDIT_NULL,  # the null space of earlier edits' keys only, no generic text
