@@ -169,3 +169,16 @@ def test_a_fit_leaves_the_model_where_it_was_edited_unless_asked():
         editors.append(KDPOEditor.from_model(model, tokenizer, **HPARAMS, offload_after_fit=offload))
         _trainer(callbacks=[]).fit(editors[0], datamodule=_datamodule(tokenizer, n=1))
     assert moved_after_edit == {True: True}
+
+
+def test_train_stop_teaches_the_model_to_end_its_answer_after_the_target():
+    """edit.train_stop: y_w is followed by EOS in training, so after c+y_w the greedy token is EOS."""
+    tokenizer = make_bpe_tokenizer()
+    request = _datamodule(tokenizer, n=1).requests[0]
+    for train_stop in (False, True):
+        editor = KDPOEditor.from_model(tiny_model("llama"), tokenizer, lr=1e-3, n_cycles=10, n_steps=8,
+                                       train_stop=train_stop)
+        assert editor.edit(request).success
+        with torch.no_grad():
+            logits = editor.lm(input_ids=torch.tensor([editor.encode(request).input_ids])).logits[0, -1]
+        assert (int(logits.argmax()) == tokenizer.eos_token_id) == train_stop
