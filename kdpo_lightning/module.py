@@ -52,8 +52,9 @@ class KDPOEditor(L.LightningModule):
         self.automatic_optimization = False  # hparams above are plain data: checkpoints load with weights_only
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.config, self.target, self.limits, self.loading, self.locate = edit, target, constraints, load, locate
-        if batch_size != 1 and edit.method not in LOCATE_METHODS:
-            raise ValueError(f"batch_size {batch_size}: only MEMIT and AlphaEdit write several requests at once")
+        if batch_size != 1 and (edit.method not in LOCATE_METHODS or edit_mode == "single"):
+            raise ValueError(f"batch_size {batch_size}: only MEMIT and AlphaEdit write several requests at once, "
+                             "in sequential mode")
         self.reference_name = reference_for(edit.method, target.reference)
         check_edit_mode(edit_mode, 1)
         self.lm: nn.Module | None = None
@@ -64,8 +65,7 @@ class KDPOEditor(L.LightningModule):
         self.locator: LocateThenEdit | None = None
         self.rehearsal = Rehearsal(seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))  # earlier edits, for `edit.replay`
         self._pending: list[int] = []
-        self._stay = False
-        self._was_training: bool | None = None
+        self._stay, self._was_training = False, None  # skip the next teardown move; the model's own mode
         self._restored: dict[str, Any] = {}
 
     @classmethod
