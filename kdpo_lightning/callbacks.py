@@ -273,7 +273,7 @@ class EditResults(L.Callback):
         return Path(self.path or Path(trainer.log_dir or trainer.default_root_dir) / "results.json")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        records = gather_dicts(trainer, pl_module.records)
+        records = pl_module.records  # every process's, gathered by the editor at the epoch's end
         path = self._write(trainer, pl_module, sorted(records), records)
         if trainer.is_global_zero and not _single(pl_module):  # single mode rolls every edit back
             saved = save_edit(edit_path(path), pl_module.policy.model_params, self._metadata(pl_module, len(records)))

@@ -171,8 +171,8 @@ class KDPOEditor(L.LightningModule):
         if self._original is not None:
             self.policy.load_values(self._original)
 
-    def on_train_end(self) -> None:
-        """Under DDP, give every process all edit records (each request is edited by one)."""
+    def on_train_epoch_end(self) -> None:
+        """Under DDP, give every process all edit records (each made by one) before callbacks write them."""
         self.records = gather_dicts(self.trainer, self.records)
         self._stay = not self.loading.offload_after_fit
 
