@@ -45,7 +45,6 @@ from quality import bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from kdpo_lightning.sources import find_data  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -101,14 +100,7 @@ Runs = dict[str, dict]  # ordering: its results JSON
 def orderings(setup: Setup) -> dict[str, list[dict]]:
     """{"tune": the first `tune` filtered records of the seed-0 shuffle, "0", "1": seeded samples of `size`
     from the rest}; the filter is the paper's same-subject filter on the raw records, as bench/quality.py's."""
-    records = json.loads(find_data(setup.data).read_text(encoding="utf-8-sig"))
-    seen, kept = set(), []
-    for record in records:
-        subject = str(record.get("subject", record.get("concept", ""))).strip()
-        if subject not in seen:
-            kept.append(record)
-        seen.add(subject)
-    random.Random(0).shuffle(kept)
+    kept = quality.filtered_shuffle(setup.data)
     rest = kept[setup.tune:]
     if len(rest) < setup.size:
         raise ValueError(f"{setup.data}: {len(kept)} filtered records, fewer than {setup.tune} + {setup.size}")

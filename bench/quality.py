@@ -58,20 +58,27 @@ METRICS = ("edit_success", "edit_success_right_after", "gen_edit_success_em", "g
            "rephrase", "portability_mean", "locality_mean", "gen_locality")
 
 
-def subsets(dataset: str) -> dict[str, list[dict]]:
-    """{"tune": TUNE records, "0": N records, ...}: disjoint, from the same-subject-filtered file."""
+def filtered_shuffle(name: str) -> list[dict]:
+    """The raw records of data set `name` after the paper's same-subject filter, shuffled with seed 0: the
+    order every subset and ordering of the benches is cut from (bench/lifelong.py too)."""
     sys.path.insert(0, str(ROOT))
     from kdpo_lightning.sources import find_data
 
-    name, n, count = DATASETS[dataset]
     records = json.loads(find_data(name).read_text(encoding="utf-8-sig"))
     seen, kept = set(), []
-    for record in records:  # the paper's same-subject filter, on the raw records
+    for record in records:
         subject = str(record.get("subject", record.get("concept", ""))).strip()
         if subject not in seen:
             kept.append(record)
         seen.add(subject)
     random.Random(0).shuffle(kept)
+    return kept
+
+
+def subsets(dataset: str) -> dict[str, list[dict]]:
+    """{"tune": TUNE records, "0": N records, ...}: disjoint, from the same-subject-filtered file."""
+    name, n, count = DATASETS[dataset]
+    kept = filtered_shuffle(name)
     parts = {"tune": kept[:TUNE]}
     for k in range(count):
         parts[str(k)] = kept[TUNE + k * n : TUNE + (k + 1) * n]
