@@ -7,7 +7,8 @@ Variants, all on the same edits with the same fixed schedule (no early stop):
   b  kdpo_lightning: Policy(prefix_cache=False) + run_edit with the cached reference
   c  kdpo_lightning: Policy(prefix_cache=True) + run_edit with the cached reference
   d  KDPOEditor as shipped (no subclass) under lightning.Trainer.fit with no callbacks, on a plain
-     DataLoader; d-plain: the same editor's own editor.edit loop
+     DataLoader; d-plain: the same editor's own editor.edit loop; then a fit of 1 edit, for a fit's fixed cost
+  e  (c) with its steps eager (`cuda_graphs=False`): on a GPU, (c) replays each edit's steps as CUDA graphs
 
 Each variant runs in a fresh subprocess (`--variant X`), so its memory high-water mark is its own.
 All variants do the same arithmetic, so their per-step losses must match (checked in fp32).
@@ -52,6 +53,7 @@ VARIANTS = {
     "b": "ours: cached reference, no prefix cache",
     "c": "ours: cached reference + prefix cache",
     "d": "(c) as KDPOEditor under lightning.Trainer.fit",
+    "e": "(c) without CUDA graphs (eager steps; the same as (c) on CPU)",
 }
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,9 +197,11 @@ def timed(edit, e: dict, cfg, device: torch.device) -> dict:
     """Wall time, process CPU time (all threads) and per-step losses of one edit."""
     sync(device)
     start, cpu = time.perf_counter(), time.process_time()
-    losses = edit(e, cfg)
+    out = edit(e, cfg)  # an EditRecord, or the naive variant's losses
     sync(device)
-    return dict(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu, losses=losses)
+    return dict(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu,
+                losses=getattr(out, "losses", out), graphed=getattr(out, "graphed", False),
+                capture_seconds=getattr(out, "capture_seconds", None))
 
 
 # ----------------------------------------------------------------------------- (a) the naive baseline
@@ -244,13 +248,13 @@ def run_naive(model, layer, edits, warmup, cfg, device, tokenizer) -> dict:
         return naive_edit(model, weight, torch.tensor([e["input_ids"]], device=device), e["target_start"], config)
 
     before = weight.detach().clone()
-    edit(warmup, dataclasses.replace(cfg, n_cycles=1, n_steps=1))
+    edit(warmup, dataclasses.replace(cfg, n_cycles=1, n_steps=2))
     with torch.no_grad():
         weight.copy_(before)
     return dict(edits=[timed(edit, e, cfg, device) for e in edits])
 
 
-# ----------------------------------------------------------------------------- (b), (c), (d) the package
+# ----------------------------------------------------------------------------- (b)-(e) the package
 
 def run_ours(model, layer, edits, warmup, cfg, device, tokenizer, prefix_cache: bool) -> dict:
     from kdpo_lightning.loop import run_edit
@@ -258,26 +262,44 @@ def run_ours(model, layer, edits, warmup, cfg, device, tokenizer, prefix_cache: 
     from kdpo_lightning.reference import make_reference
 
     reference = make_reference("cached")
+    captures = _time_captures()
     with Policy(model, layer=layer, prefix_cache=prefix_cache) as policy:
 
         def edit(e, config):
             optimizer = torch.optim.Adam(policy.params.values(), lr=config.lr)
             ids = torch.tensor([e["input_ids"]], device=device)
-            return run_edit(policy, reference, ids, e["target_start"], config, optimizer).losses
+            before = len(captures)
+            record = run_edit(policy, reference, ids, e["target_start"], config, optimizer)
+            record.capture_seconds = sum(captures[before:])
+            return record
 
         before = policy.original_values()
-        edit(warmup, dataclasses.replace(cfg, n_cycles=1, n_steps=1))
+        edit(warmup, dataclasses.replace(cfg, n_cycles=1, n_steps=2))  # on a GPU this captures a step once
         policy.load_values(before)
         return dict(edits=[timed(edit, e, cfg, device) for e in edits])
+
+
+def _time_captures() -> list[float]:
+    """From now on, the host seconds of every CUDA graph capture (the package's, timed by wrapping it)."""
+    from kdpo_lightning import graphs
+
+    seconds, capture = [], graphs.CAPTURES["cuda"]
+
+    def timed_capture(fn, pool=None):
+        start = time.perf_counter()
+        try:
+            return capture(fn, pool)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    graphs.CAPTURES["cuda"] = timed_capture
+    return seconds
 
 
 def run_lightning(model, layer, edits, warmup, cfg, device, tokenizer) -> dict:
     """The same editor, as shipped, twice over the same edits from the same weights: its plain-PyTorch
     `editor.edit` loop, then `Trainer.fit` on a plain DataLoader with no callbacks (the whole fit
-    timed, divided by the number of edits)."""
-    import lightning as L
-    from torch.utils.data import DataLoader
-
+    timed, divided by the number of edits), then a fit of the first edit alone."""
     from kdpo_lightning.data import Encoded
     from kdpo_lightning.module import KDPOEditor
 
@@ -285,29 +307,39 @@ def run_lightning(model, layer, edits, warmup, cfg, device, tokenizer) -> dict:
                                    lr=cfg.lr, beta=cfg.beta, n_cycles=cfg.n_cycles, n_steps=cfg.n_steps,
                                    early_stop=False)
     start_values = editor.policy.original_values()
-    editor.config = dataclasses.replace(cfg, n_cycles=1, n_steps=1)
+    editor.config = dataclasses.replace(cfg, n_cycles=1, n_steps=2)
     editor.edit(Encoded(tuple(warmup["input_ids"]), warmup["target_start"]))
     editor.config = cfg
     editor.policy.load_values(start_values)
 
     def edit(e, config):
-        return editor.edit(Encoded(tuple(e["input_ids"]), e["target_start"])).losses
+        return editor.edit(Encoded(tuple(e["input_ids"]), e["target_start"]))
 
     plain = [timed(edit, e, cfg, device) for e in edits]
 
     editor.policy.load_values(start_values)
     rows = [dict(index=i, input_ids=torch.tensor(e["input_ids"]), target_start=e["target_start"])
             for i, e in enumerate(edits)]
+    fit_seconds, fit_cpu_seconds = _fit(editor, rows, device)
+    fit = [{key: editor.records[i][key] for key in ("seconds", "losses", "graphed")} for i in range(len(edits))]
+    one, _ = _fit(editor, rows[:1], device)  # what a fit costs beyond its edit
+    editor.close()
+    return dict(edits=plain, trainer_edits=fit, fit_seconds=fit_seconds, fit_cpu_seconds=fit_cpu_seconds,
+                one_edit_fit_seconds=one, one_edit_fit_fixed_seconds=one - editor.records[0]["seconds"])
+
+
+def _fit(editor, rows: list[dict], device: torch.device) -> tuple[float, float]:
+    """Wall and process CPU seconds of one `Trainer.fit` of `editor` over `rows` (no callbacks), synchronized."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[], accelerator=device.type, devices=1)
     sync(device)
     start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(editor, DataLoader(rows, batch_size=None))
     sync(device)
-    fit_seconds, fit_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-    fit = [dict(seconds=editor.records[i]["seconds"], losses=editor.records[i]["losses"]) for i in range(len(edits))]
-    editor.close()
-    return dict(edits=plain, trainer_edits=fit, fit_seconds=fit_seconds, fit_cpu_seconds=fit_cpu_seconds)
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 RUNNERS = {
@@ -315,6 +347,9 @@ RUNNERS = {
     "b": lambda *a: run_ours(*a, prefix_cache=False),
     "c": lambda *a: run_ours(*a, prefix_cache=True),
     "d": run_lightning,
+    "e": lambda model, layer, edits, warmup, cfg, *a: run_ours(model, layer, edits, warmup,
+                                                               dataclasses.replace(cfg, cuda_graphs=False), *a,
+                                                               prefix_cache=True),
 }
 
 
@@ -472,6 +507,12 @@ def summarize(results: dict, edits: list[dict], args, machine: dict) -> tuple[li
         checks["c_speedup_ge_4x"] = by["c"]["speedup"] >= 4
         checks["c_memory_le_0.2x_weights"] = by["c"]["extra_over_weights"] <= 0.2
         checks["a_memory_over_weights"] = by["a"]["extra_over_weights"]
+    if "c" in by:
+        checks["c_median_ms_edit"] = 1e3 * sorted(e["seconds"] for e in results["c"]["edits"])[len(edits) // 2]
+    if "c" in by and args.device.startswith("cuda"):
+        checks["c_ms_step_over_bw_floor"] = by["c"]["ms_step"] / by["c"]["bw_floor_ms_step"]
+        checks["c_within_3x_bw_floor"] = checks["c_ms_step_over_bw_floor"] <= 3
+        checks["c_edit_le_0.3s"] = by["c"]["ms_edit"] <= 300
     if "d" in by:
         overhead = by["d"]["ms_edit"] / by["d-plain"]["ms_edit"] - 1
         inside = (sum(e["seconds"] for e in results["d"]["trainer_edits"])
@@ -479,6 +520,8 @@ def summarize(results: dict, edits: list[dict], args, machine: dict) -> tuple[li
         checks["lightning_overhead_pct"] = 100 * overhead
         checks["lightning_overhead_inside_edits_pct"] = 100 * inside
         checks["lightning_overhead_le_5pct"] = overhead <= 0.05
+        checks["one_edit_fit_fixed_s"] = results["d"]["one_edit_fit_fixed_seconds"]
+        checks["one_edit_fit_fixed_le_1s"] = results["d"]["one_edit_fit_fixed_seconds"] <= 1
         if "c" in by:
             for name in ("d", "d-plain"):
                 checks[f"{name}_vs_c_pct"] = 100 * (by[name]["ms_edit"] / by["c"]["ms_edit"] - 1)

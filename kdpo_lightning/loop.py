@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import objective
+from .graphs import GraphedSteps, graphs_apply
 from .policy import Policy
 from .replay import EditBatch, Replay
 
@@ -54,6 +55,9 @@ class EditConfig:
     replay: int = 0
     """Earlier edits each sequential edit rehearses (sampled; the loss of each that does not hold is added
     to the step's), so they are kept rather than overwritten; 0 is the paper's recipe. kdpo and ftm."""
+    cuda_graphs: bool = True
+    """On a GPU, capture an edit's step once and replay it (`graphs.py`): the same arithmetic without the
+    launch overhead. kdpo and ftm without replays or constraints; elsewhere, and on CPU, steps run eagerly."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -85,6 +89,8 @@ class EditRecord:
     """Earlier edits rehearsed alongside this one."""
     replays_kept: int = 0
     """Of those, how many the model still gives (teacher-forced argmax) when this edit ends."""
+    graphed: bool = False
+    """Its steps after the first were replayed as CUDA graphs (`cuda_graphs`)."""
     failed: str | None = None
     """Why the edit was rolled back (e.g. a non-finite loss), or None."""
 
@@ -156,6 +162,11 @@ def _cycles(policy: Policy, reference, batch: EditBatch, config: EditConfig,
     if reference is not None:
         reference.begin_edit(policy, ids, n, rows)
     record, losses = EditRecord(replays=len(batch) - 1), []
+    graphs = None
+    if graphs_apply(config, batch, policy, optimizer):  # every step after the edit's first is replayed
+        graphs = GraphedSteps(lambda y_l: _step(config, reference, policy.rows(ids, n), ids, batch, y_l, [0],
+                                                optimizer, backward, policy),
+                              lambda: policy.rows(ids, n), optimizer)
     for _ in range(config.n_cycles):
         y_l = objective.teacher_forced_argmax(rows).detach()
         held = batch.held(y_l)
@@ -169,21 +180,36 @@ def _cycles(policy: Policy, reference, batch: EditBatch, config: EditConfig,
             inputs = torch.cat([ids, torch.cat([ids[:, :-n], y_l], dim=1)])
             rows = torch.cat([rows, policy.rows(inputs[1:], n)])
         for step in range(config.n_steps):
-            if step > 0:
-                rows = policy.rows(inputs, n, **padding)
-            loss = _loss(config, reference, rows, inputs, batch, y_l, rehearsed)
-            optimizer.zero_grad(set_to_none=True)
-            backward(loss)
-            optimizer.step()
-            policy.step_done()
-            losses.append(loss.detach())
+            if graphs is not None and losses:
+                rows = None  # no autograd graph of an eager step may outlive it into a capture
+                loss = graphs.step(y_l)
+            else:
+                if step > 0:
+                    rows = policy.rows(inputs, n, **padding)
+                loss = _step(config, reference, rows, inputs, batch, y_l, rehearsed, optimizer, backward, policy)
+            losses.append(loss)
             record.steps += 1
         _check_finite(losses, policy)
-        rows = policy.rows(ids, n, **padding)
+        rows = graphs.rows() if graphs is not None else policy.rows(ids, n, **padding)
     held = batch.held(objective.teacher_forced_argmax(rows))
     record.success, record.replays_kept = held[0], sum(held[1:])
+    record.graphed = graphs is not None and graphs.replayed
+    if graphs is not None and graphs.eager:
+        policy.capturable = False  # this model's step cannot be captured: later edits do not try again
     record.losses = [float(x) for x in losses]
     return record
+
+
+def _step(config: EditConfig, reference, rows: Tensor, inputs: Tensor, batch: EditBatch, y_l: Tensor,
+          rehearsed: list[int], optimizer: torch.optim.Optimizer, backward: Callable[[Tensor], None],
+          policy: Policy) -> Tensor:
+    """One optimizer step on the loss of `rows` (the policy's, on `inputs`); returns the loss, detached."""
+    loss = _loss(config, reference, rows, inputs, batch, y_l, rehearsed)
+    optimizer.zero_grad(set_to_none=True)
+    backward(loss)
+    optimizer.step()
+    policy.step_done()
+    return loss.detach()
 
 
 def _loss(config: EditConfig, reference, rows: Tensor, inputs: Tensor, batch: EditBatch, y_l: Tensor,

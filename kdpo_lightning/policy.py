@@ -330,6 +330,8 @@ class Policy:
                 self._hooks.append(param.register_post_accumulate_grad_hook(self._route_grad(self.params[name])))
         self.constraints: list = []
         """Applied to each optimizer step's update in `step_done` (see `constraints.py`)."""
+        self.capturable = True
+        """False once a CUDA graph capture of a step on this model failed: later edits run eagerly (`graphs.py`)."""
         self._previous: dict[str, Tensor] = {}
         self._editing, self._closed = False, False
         self._prefix = self._prefix_cache() if prefix_cache else None

@@ -70,7 +70,8 @@ def test_reference_strategies_agree(arch, bpe_tokenizer, method):
 
 @pytest.mark.parametrize("method", ["kdpo", "dpo", "ftm"])
 def test_prefix_cache_is_exact(arch, bpe_tokenizer, method):
-    fixed = EditConfig(method=method, lr=1e-3, n_cycles=3, n_steps=4, early_stop=False)
+    # apart from CUDA graphs: a captured step may take other kernels for the other shapes of a full forward
+    fixed = EditConfig(method=method, lr=1e-3, n_cycles=3, n_steps=4, early_stop=False, cuda_graphs=False)
     reference = {"kdpo": "cached", "dpo": "swap", "ftm": None}[method]
     _, cached_policy, cached = _edit(arch, bpe_tokenizer, reference=reference, config=fixed)
     _, full_policy, full = _edit(arch, bpe_tokenizer, reference=reference, config=fixed, prefix_cache=False)

@@ -80,7 +80,8 @@ def test_bf16_reference_strategies_agree(bpe_tokenizer, method):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_bf16_prefix_cache_is_bitwise_equal_to_full_forwards(bpe_tokenizer, family):
-    fixed = EditConfig(lr=1e-3, n_cycles=2, n_steps=3, early_stop=False)
+    # apart from CUDA graphs: a captured step may take other kernels for the other shapes of a full forward
+    fixed = EditConfig(lr=1e-3, n_cycles=2, n_steps=3, early_stop=False, cuda_graphs=False)
     results = []
     for prefix_cache in (True, False):
         model = tiny_family_model(family, dtype=torch.bfloat16)
@@ -113,5 +114,5 @@ def test_bf16_trainer_run_saves_the_edit_in_the_model_dtype(bpe_tokenizer, tmp_p
     saved = load_file(str(tmp_path / "results.edit.safetensors"))
     ((name, tensor),) = saved.items()
     assert tensor.dtype == torch.bfloat16
-    assert torch.equal(tensor, dict(editor.lm.named_parameters())[name].detach())
+    assert torch.equal(tensor, dict(editor.lm.named_parameters())[name].detach().cpu())
     assert torch.equal(tensor, editor.policy.params[name].detach().to(torch.bfloat16))
