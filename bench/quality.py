@@ -197,6 +197,7 @@ def main() -> None:
     parser.add_argument("--best", default="kdpo_nll", choices=list(METHODS),
                         help="the variant compared with FT-M and paper KDPO, paired by request")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, sharing the CPU cores")
+    parser.add_argument("--threads", type=int, help="CPU threads of each run (default: the cores / jobs)")
     parser.add_argument("--table", action="store_true", help="only print the table of existing results")
     parser.add_argument("--out", type=Path, default=OUT, help="folder of the run results (default: %(default)s)")
     parser.add_argument("--name", default="quality", help="name of the table's JSON under bench/results")
@@ -212,7 +213,7 @@ def main() -> None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(records, ensure_ascii=False))
                     jobs += [(dataset, subset, method, len(records)) for method in args.methods]
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
         with ThreadPoolExecutor(args.jobs) as pool:
             for future in [pool.submit(run, *job, threads) for job in sorted(jobs, key=_order)]:
                 future.result()  # a failed run stops the matrix with its error
