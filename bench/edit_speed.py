@@ -257,7 +257,7 @@ def run_naive(model, layer, edits, warmup, cfg, device, tokenizer) -> dict:
 # ----------------------------------------------------------------------------- (b)-(e) the package
 
 def run_ours(model, layer, edits, warmup, cfg, device, tokenizer, prefix_cache: bool) -> dict:
-    from kdpo_lightning.loop import run_edit
+    from kdpo_lightning.loop import make_optimizer, run_edit
     from kdpo_lightning.policy import Policy
     from kdpo_lightning.reference import make_reference
 
@@ -266,7 +266,7 @@ def run_ours(model, layer, edits, warmup, cfg, device, tokenizer, prefix_cache: 
     with Policy(model, layer=layer, prefix_cache=prefix_cache) as policy:
 
         def edit(e, config):
-            optimizer = torch.optim.Adam(policy.params.values(), lr=config.lr)
+            optimizer = make_optimizer(policy.params.values(), config.lr)
             ids = torch.tensor([e["input_ids"]], device=device)
             before = len(captures)
             record = run_edit(policy, reference, ids, e["target_start"], config, optimizer)

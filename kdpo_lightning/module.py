@@ -19,7 +19,7 @@ from .constraints import NullSpace, build_constraints
 from .data import EditRequest, Encoded, encode
 from .distributed import gather_dicts, independent_of_other_processes
 from .locate import LOCATE_METHODS, LocateConfig, LocateThenEdit, cached_locator, trained_names
-from .loop import EditConfig, EditRecord, NonFiniteError, run_edit
+from .loop import EditConfig, EditRecord, NonFiniteError, make_optimizer, run_edit
 from .models import load_model, warn_if_slow_on_cpu
 from .policy import Policy
 from .reference import make_reference, reference_for
@@ -119,7 +119,7 @@ class KDPOEditor(L.LightningModule):
         return self
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.policy.params.values(), lr=self.config.lr)
+        return make_optimizer(self.policy.params.values(), self.config.lr)
 
     def encode(self, request: EditRequest) -> Encoded:
         """The request's c+y_w tokens, by the rule the metrics use too."""
@@ -133,7 +133,7 @@ class KDPOEditor(L.LightningModule):
             return self._locate_edit([request])[0]
         encoded = request if isinstance(request, Encoded) else self.encode(request)
         input_ids = torch.tensor([encoded.input_ids], device=self.lm.device)
-        optimizer = torch.optim.Adam(self.policy.params.values(), lr=self.config.lr)
+        optimizer = make_optimizer(self.policy.params.values(), self.config.lr)
         return self._edit(input_ids, encoded.target_start, optimizer, Tensor.backward)
 
     def on_fit_start(self) -> None:

@@ -4,7 +4,8 @@
 - c+y_w runs without its last token (its row predicts nothing);
 - the reference's rows on c+y_w are the policy's first forward, for every reference strategy;
 - the projection cache replays the trained layer's residual and the trained projection's input;
-- the LM head runs as (W @ x^T)^T for a few fp32 rows on CPU.
+- the LM head runs as (W @ x^T)^T for a few fp32 rows on CPU;
+- Adam runs its fused kernel on CPU.
 """
 import warnings
 
@@ -16,7 +17,7 @@ from families import FAMILIES, tiny_family_model
 
 from kdpo_lightning import policy as policy_module
 from kdpo_lightning.data import encode
-from kdpo_lightning.loop import EditConfig, run_edit
+from kdpo_lightning.loop import EditConfig, make_optimizer, run_edit
 from kdpo_lightning.policy import SKINNY_HEAD_ROWS, Policy, skinny_linear, target_rows
 from kdpo_lightning.reference import make_reference
 
@@ -176,3 +177,19 @@ def test_a_head_forward_someone_else_set_is_left_alone(bpe_tokenizer):
     own = head.forward
     _edit(_policy(model), bpe_tokenizer)
     assert calls and head.__dict__["forward"] is own
+
+
+def test_fused_adam_edit_equals_the_default_adam_edit(bpe_tokenizer):
+    """`make_optimizer` takes Adam's fused kernel on CPU: the same losses and weights as the default Adam."""
+    runs = []
+    for make in (make_optimizer, lambda params, lr: torch.optim.Adam(params, lr=lr)):
+        policy = _policy(tiny_model("llama").cpu())
+        optimizer = make(policy.params.values(), FIXED.lr)
+        encoded = encode(bpe_tokenizer, PROMPT, TARGET)
+        ids = torch.tensor([encoded.input_ids], device="cpu")
+        runs.append((run_edit(policy, make_reference("cached"), ids, encoded.target_start, FIXED, optimizer),
+                     next(iter(policy.params.values())).detach().clone(), optimizer.param_groups[0]["fused"]))
+    (fused, fused_weight, is_fused), (default, default_weight, _) = runs
+    assert is_fused and fused.losses == pytest.approx(default.losses, abs=1e-6)
+    torch.testing.assert_close(fused_weight, default_weight, atol=1e-6, rtol=0)
+    assert not make_optimizer([torch.zeros(2, device="meta")], 1e-3).param_groups[0]["fused"]
