@@ -6,7 +6,8 @@ the same shapes and reads the same tensors (c+y_w, its cached prefix, the refere
 changes, once per cycle, and it is copied into a fixed buffer. So the edit's second step is captured
 once (forward from the trained tensor up, head, loss, backward, Adam, write-back into the model) and
 replayed for every later step, and the cycle-end forward that regenerates y_l likewise. The first
-step runs eagerly, as the warm-up capture needs. The host waits once per cycle, for the early-stop test.
+step runs eagerly, the warm-up a capture needs (Adam's state is made there, not inside the graph). The
+host waits once per cycle, for the early-stop test.
 
 What a captured step does is fixed at capture: Lightning's per-backward and per-optimizer-step hooks
 run once, at the capture, not at every replay.
@@ -44,8 +45,8 @@ def graphs_apply(config, batch, policy, optimizer) -> bool:
     one row (no replays) of kdpo or ftm (vanilla DPO makes a new input each cycle), no update constraints
     (the norm bound tests its norm on the host), an Adam (whose step count can stay on the device)."""
     devices = {p.device.type for p in policy.params.values()}
-    return (config.cuda_graphs and policy.capturable and len(devices) == 1 and devices <= CAPTURES.keys() and len(batch) == 1
-            and config.method in ("kdpo", "ftm") and not policy.constraints
+    return (config.cuda_graphs and policy.capturable and len(devices) == 1 and devices <= CAPTURES.keys()
+            and len(batch) == 1 and config.method in ("kdpo", "ftm") and not policy.constraints
             and isinstance(_inner(optimizer), torch.optim.Adam))
 
 
@@ -84,7 +85,7 @@ class GraphedSteps:
         if self._step is None and not self.eager:
             self._y_l = y_l.clone()
             self._step = self._record(lambda: self._out.update(loss=self._step_fn(self._y_l)))
-        if self._step is None:
+        if self.eager:
             return self._step_fn(y_l)
         self._y_l.copy_(y_l)
         self._step()
@@ -95,7 +96,7 @@ class GraphedSteps:
         """The rows on c+y_w (no grad), to regenerate y_l after a cycle's steps."""
         if self._forward is None and not self.eager:
             self._forward = self._record(lambda: self._out.update(rows=self._no_grad_rows()))
-        if self._forward is None:
+        if self.eager:
             return self._no_grad_rows()
         self._forward()
         return self._out["rows"]

@@ -22,12 +22,12 @@ PROMPT, TARGET = "Which family does Epaspidoceras belong to?", "Noctuidae"
 class Recorder:
     """A stand-in for `cuda_capture`: records `fn` without running it; a replay runs it."""
 
-    def __init__(self, fail: bool = False) -> None:
-        self.captures, self.replays, self.fail = 0, 0, fail
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.captures, self.replays, self.fail_at = 0, 0, fail_at
 
     def __call__(self, fn, pool=None):
         self.captures += 1
-        if self.fail:
+        if self.captures == self.fail_at:
             raise RuntimeError("operation not permitted when stream is capturing")
 
         def replay():
@@ -76,14 +76,15 @@ def test_replayed_steps_keep_the_early_stop(bpe_tokenizer, monkeypatch):
     assert replayed.cycles < 10
 
 
-def test_a_failed_capture_goes_on_eagerly(bpe_tokenizer, monkeypatch):
+@pytest.mark.parametrize("fail_at", [1, 2])  # the step's capture, the cycle-end forward's
+def test_a_failed_capture_goes_on_eagerly(bpe_tokenizer, monkeypatch, fail_at):
     eager, eager_weight, _ = _edit(bpe_tokenizer, cuda_graphs=False)
-    recorder, state = Recorder(fail=True), {}
+    recorder, state = Recorder(fail_at), {}
     monkeypatch.setitem(graphs.CAPTURES, "cpu", recorder)
     with pytest.warns(UserWarning, match="capture failed"):
         record, weight, _ = _edit(bpe_tokenizer, policy_state=state)
     assert state["capturable"] is False  # the next edits of this model do not try again
-    assert recorder.captures == 1 and not record.graphed
+    assert recorder.captures == fail_at and not record.graphed
     assert record.losses == eager.losses and torch.equal(weight, eager_weight)
 
 
