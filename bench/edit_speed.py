@@ -298,9 +298,12 @@ def _time_captures() -> list[float]:
 
 def run_lightning(model, layer, edits, warmup, cfg, device, tokenizer) -> dict:
     """The same editor, as shipped, twice over the same edits from the same weights: its plain-PyTorch
-    `editor.edit` loop, then `Trainer.fit` on a plain DataLoader with no callbacks (the whole fit
-    timed, divided by the number of edits), then a fit of the first edit alone."""
+    `editor.edit` loop, each edit paired with the same edit made as (c) on the editor's Policy (both from the
+    same weights, in alternating order, so drift of the machine hits both alike), then `Trainer.fit` on a plain
+    DataLoader with no callbacks (the whole fit timed, divided by the number of edits), then a fit of the first
+    edit alone."""
     from kdpo_lightning.data import Encoded
+    from kdpo_lightning.loop import make_optimizer, run_edit
     from kdpo_lightning.module import KDPOEditor
 
     editor = KDPOEditor.from_model(model, tokenizer, trainable=[rf"model\.layers\.{layer}\.mlp\.down_proj\.weight"],
@@ -315,7 +318,18 @@ def run_lightning(model, layer, edits, warmup, cfg, device, tokenizer) -> dict:
     def edit(e, config):
         return editor.edit(Encoded(tuple(e["input_ids"]), e["target_start"]))
 
-    plain = [timed(edit, e, cfg, device) for e in edits]
+    def edit_c(e, config):  # (c) on the editor's own Policy and reference: run_edit with a fresh Adam
+        ids = torch.tensor([e["input_ids"]], device=device)
+        return run_edit(editor.policy, editor.reference, ids, e["target_start"], config,
+                        make_optimizer(editor.policy.params.values(), config.lr))
+
+    plain, paired_c = [], []
+    for i, e in enumerate(edits):  # each edit both ways from the same weights, in alternating order
+        before = editor.policy.original_values()
+        for j, (run, times) in enumerate([(edit_c, paired_c), (edit, plain)][:: 1 if i % 2 == 0 else -1]):
+            if j:
+                editor.policy.load_values(before)
+            times.append(timed(run, e, cfg, device))
 
     editor.policy.load_values(start_values)
     rows = [dict(index=i, input_ids=torch.tensor(e["input_ids"]), target_start=e["target_start"])
@@ -324,7 +338,8 @@ def run_lightning(model, layer, edits, warmup, cfg, device, tokenizer) -> dict:
     fit = [{key: editor.records[i][key] for key in ("seconds", "losses", "graphed")} for i in range(len(edits))]
     one, _ = _fit(editor, rows[:1], device)  # what a fit costs beyond its edit
     editor.close()
-    return dict(edits=plain, trainer_edits=fit, fit_seconds=fit_seconds, fit_cpu_seconds=fit_cpu_seconds,
+    return dict(edits=plain, paired_c_edits=paired_c, trainer_edits=fit, fit_seconds=fit_seconds,
+                fit_cpu_seconds=fit_cpu_seconds,
                 one_edit_fit_seconds=one, one_edit_fit_fixed_seconds=one - editor.records[0]["seconds"])
 
 
@@ -501,6 +516,7 @@ def summarize(results: dict, edits: list[dict], args, machine: dict) -> tuple[li
     diffs = {v: max_loss_diff(reference["edits"], res["edits"]) for v, res in results.items()}
     if "d" in results:
         diffs["d-trainer"] = max_loss_diff(reference["edits"], results["d"]["trainer_edits"])
+        diffs["d-paired-c"] = max_loss_diff(reference["edits"], results["d"]["paired_c_edits"])
     checks = {"weights_mb": weights_mb, f"max_loss_diff_vs_{reference['variant']}": diffs,
               "losses_match": all(d <= args.atol for d in diffs.values())}
     if "a" in by and "c" in by:
@@ -522,6 +538,9 @@ def summarize(results: dict, edits: list[dict], args, machine: dict) -> tuple[li
         checks["lightning_overhead_le_5pct"] = overhead <= 0.05
         checks["one_edit_fit_fixed_s"] = results["d"]["one_edit_fit_fixed_seconds"]
         checks["one_edit_fit_fixed_le_1s"] = results["d"]["one_edit_fit_fixed_seconds"] <= 1
+        paired = sum(e["seconds"] for e in results["d"]["paired_c_edits"])
+        checks["d-plain_vs_c_same_process_pct"] = 100 * (sum(e["seconds"] for e in results["d"]["edits"]) / paired - 1)
+        checks["d_vs_c_same_process_pct"] = 100 * (results["d"]["fit_seconds"] / paired - 1)
         if "c" in by:
             for name in ("d", "d-plain"):
                 checks[f"{name}_vs_c_pct"] = 100 * (by[name]["ms_edit"] / by["c"]["ms_edit"] - 1)
