@@ -70,36 +70,38 @@ class GraphedSteps:
         if device == "cuda":
             for group in groups:
                 group["capturable"] = True  # Adam's step count stays on the device: a step never reads the host
-        self._step: Callable[[], None] | None = None
-        self._forward: Callable[[], None] | None = None
+        self._graphs: dict[str, Callable[[], None]] = {}
+        """Replays by output name ("loss", "rows"), each recorded at its first call."""
         self._pool: Any = None
         self._out: dict[str, Tensor] = {}
         self._y_l: Tensor | None = None
         self.eager = False
-        """True once a capture failed."""
-        self.replayed = False
-        """True once a captured step was replayed."""
+        """True once a capture failed: the rest of the edit runs eagerly."""
+
+    @property
+    def graphed(self) -> bool:
+        """Whether every step after the first was replayed (a step graph exists and no capture failed)."""
+        return "loss" in self._graphs and not self.eager
 
     def step(self, y_l: Tensor) -> Tensor:
         """One optimizer step with this cycle's y_l."""
-        if self._step is None and not self.eager:
-            self._y_l = y_l.clone()
-            self._step = self._record(lambda: self._out.update(loss=self._step_fn(self._y_l)))
-        if self.eager:
-            return self._step_fn(y_l)
-        self._y_l.copy_(y_l)
-        self._step()
-        self.replayed = True
-        return self._out["loss"].clone()
+        self._y_l = y_l.clone() if self._y_l is None else self._y_l.copy_(y_l)
+        return self._run("loss", lambda: self._step_fn(self._y_l)).clone()
 
     def rows(self) -> Tensor:
         """The rows on c+y_w (no grad), to regenerate y_l after a cycle's steps."""
-        if self._forward is None and not self.eager:
-            self._forward = self._record(lambda: self._out.update(rows=self._no_grad_rows()))
+        return self._run("rows", self._no_grad_rows)
+
+    def _run(self, name: str, fn: Callable[[], Tensor]) -> Tensor:
+        """`fn()`, replayed from its graph (recorded at the first call), or eagerly once a capture failed."""
+        if name not in self._graphs and not self.eager:
+            replay = self._record(lambda: self._out.update({name: fn()}))
+            if replay is not None:
+                self._graphs[name] = replay
         if self.eager:
-            return self._no_grad_rows()
-        self._forward()
-        return self._out["rows"]
+            return fn()
+        self._graphs[name]()
+        return self._out[name]
 
     def _no_grad_rows(self) -> Tensor:
         with torch.no_grad():
@@ -112,7 +114,7 @@ class GraphedSteps:
             warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {err}); the edit goes on without graphs, "
                           "but random draws on this GPU may fail from now on in this process (torch leaves its "
                           "generator marked as capturing). Set edit.cuda_graphs false to skip the attempt.",
-                          stacklevel=3)
+                          stacklevel=4)
             self.eager = True
             return None
         return replay

@@ -201,7 +201,7 @@ def _cycles(policy: Policy, reference, batch: EditBatch, config: EditConfig,
         rows = graphs.rows() if graphs is not None else policy.rows(ids, n, **padding)
     held = batch.held(objective.teacher_forced_argmax(rows))
     record.success, record.replays_kept = held[0], sum(held[1:])
-    record.graphed = graphs is not None and graphs.replayed and not graphs.eager
+    record.graphed = graphs is not None and graphs.graphed
     if graphs is not None and graphs.eager:
         policy.capturable = False  # this model's step cannot be captured: later edits do not try again
     record.losses = [float(x) for x in losses]
