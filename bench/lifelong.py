@@ -30,11 +30,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import random
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,40 +105,17 @@ def orderings(setup: Setup) -> dict[str, list[dict]]:
                                            for name, seed in ORDERING_SEEDS.items()}}
 
 
-def _arg(path: Path) -> str:
-    """A path for the CLI, whose results record paths as given: relative to the repo root when under it."""
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
 def run(ordering: str, method: str, *, out: Path, runs: Path, n: int, every: int, threads: int,
         forwarded: list[str]) -> str | None:
-    """One sequential-edit run in its own process, resumed from its checkpoint if it was stopped, skipped
-    if its results exist. Returns None, or what went wrong."""
-    name = f"{ordering}_{method}"
-    result = out / "lifelong" / f"{name}.json"
+    """One sequential-edit run in its own process (quality.fit), resumed from its checkpoint if it was
+    stopped, skipped if its results exist. Returns None, or what went wrong."""
+    result = out / "lifelong" / f"{ordering}_{method}.json"
     if result.exists():
         return None
-    run_dir = runs / name
-    cmd = [sys.executable, "-m", "kdpo_lightning.cli", "fit", "--config", "configs/demo.yaml",
-           "--data.path", _arg(out / "lifelong" / "orderings" / f"{ordering}.json"), "--data.n_edits", str(n),
-           "--evaluation.generation", "true", "--retention.every_n_edits", str(every), *CAPABILITY,
-           "--trainer.default_root_dir", _arg(run_dir), "--checkpoint.every_n_edits", "10",
-           "--results.path", _arg(result), *METHODS[method], *forwarded]
-    if (run_dir / "checkpoints" / "last.ckpt").exists():
-        cmd += ["--ckpt_path", "last"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = run_dir / "output.log"
-    print(f"{name}: started ({log})\n  {' '.join(cmd)}", flush=True)
-    started = time.monotonic()
-    with log.open("a") as stream:
-        code = subprocess.run(cmd, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": str(threads)}).returncode
-    if code:
-        tail = "\n    ".join(log.read_text(errors="replace").splitlines()[-5:])
-        print(f"{name}: FAILED with exit status {code}; the end of {log}:\n    {tail}", flush=True)
-        return f"{name} (exit status {code}, {log})"
-    print(f"{name}: done in {(time.monotonic() - started) / 60:.1f} min", flush=True)
-    return None
+    data = quality.cli_path(out / "lifelong" / "orderings" / f"{ordering}.json")
+    args = ["--data.path", data, "--data.n_edits", str(n), "--evaluation.generation", "true",
+            "--retention.every_n_edits", str(every), *CAPABILITY, *METHODS[method], *forwarded]
+    return quality.fit(f"{ordering}_{method}", args, runs / f"{ordering}_{method}", result, threads)
 
 
 def load(out: Path, names: list[str]) -> dict[str, Runs]:
@@ -336,7 +310,8 @@ def main() -> None:
     report.RESULTS = out  # report.save writes there
     picture = plot(found, out / f"{name}.png", f"{setup.data}, sequential edits, 95% intervals over orderings "
                                                  "and requests")
-    report.save(name, text, started, orderings=args.orderings, rows=rows, verdict=facts, plot=_arg(picture))
+    report.save(name, text, started, orderings=args.orderings, rows=rows, verdict=facts,
+                plot=quality.cli_path(picture))
     if failed:
         sys.exit("failed runs (the others finished): " + "; ".join(failed))
 

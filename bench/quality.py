@@ -13,6 +13,7 @@ slice (variants are screened there and it is never reported), then come disjoint
     python bench/quality.py --datasets zsre --methods kdpo ftm --subsets 0
     python bench/quality.py --tune --methods kdpo kdpo_null   # screen on the tuning slice
     python bench/quality.py --table                           # only the table of what exists
+    python bench/quality.py --jobs 15 --threads 1 --trainer.accelerator gpu   # the CLI's flags go to every run
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +31,7 @@ import report
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "quality"
+RUNS = ROOT / "runs" / "quality"
 TUNE = 50
 DATASETS = {  # name: (data set name, N per subset, number of subsets)
     "zsre": ("knowedit/zsre", 100, 3),
@@ -85,24 +88,45 @@ def subsets(dataset: str) -> dict[str, list[dict]]:
     return parts
 
 
-def run(dataset: str, subset: str, method: str, n: int, threads: int) -> Path:
-    """One sequential-edit run in its own process with `threads` CPU threads; resumes from its
-    checkpoint if it was stopped."""
+def run(dataset: str, subset: str, method: str, n: int, threads: int, forwarded: list[str]) -> str | None:
+    """One sequential-edit run with `threads` CPU threads, resumed from its checkpoint if it was stopped,
+    skipped if its results exist. Returns None, or what went wrong."""
     result = OUT / f"{dataset}_{subset}_{method}.json"
     if result.exists():
-        return result
+        return None
     data = OUT / "subsets" / f"{dataset}_{subset}.json"
-    run_dir = ROOT / "runs" / "quality" / f"{dataset}_{subset}_{method}"
-    data, run_dir, result_arg = (p.relative_to(ROOT) for p in (data, run_dir, result))  # results record paths as given
-    cmd = [sys.executable, "-m", "kdpo_lightning.cli", "fit", "--config", "configs/demo.yaml",
-           "--data.path", str(data), "--data.n_edits", str(n), "--evaluation.generation", "true",
-           "--retention.every_n_edits", str(n), "--trainer.default_root_dir", str(run_dir),
-           "--checkpoint.every_n_edits", "10", "--results.path", str(result_arg), *METHODS[method]]
-    if (ROOT / run_dir / "checkpoints" / "last.ckpt").exists():
+    run_dir = RUNS / f"{dataset}_{subset}_{method}"
+    args = ["--data.path", cli_path(data), "--data.n_edits", str(n), "--evaluation.generation", "true",
+            "--retention.every_n_edits", str(n), *METHODS[method], *forwarded]
+    return fit(f"{dataset}_{subset}_{method}", args, run_dir, result, threads)
+
+
+def cli_path(path: Path) -> str:
+    """A path for the CLI, whose results record paths as given: relative to the repo root when under it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def fit(name: str, args: list[str], run_dir: Path, result: Path, threads: int) -> str | None:
+    """`kdpo-lightning fit` on configs/demo.yaml plus `args`, in its own process, its output in
+    run_dir/output.log, checkpoints every 10 edits and resumed from the last. Returns None, or what went wrong."""
+    cmd = [sys.executable, "-m", "kdpo_lightning.cli", "fit", "--config", "configs/demo.yaml", *args,
+           "--trainer.default_root_dir", cli_path(run_dir), "--checkpoint.every_n_edits", "10",
+           "--results.path", cli_path(result)]
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
         cmd += ["--ckpt_path", "last"]
-    print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    return result
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "output.log"
+    print(f"{name}: started ({log})\n  {' '.join(cmd)}", flush=True)
+    started = time.monotonic()
+    with log.open("a") as stream:
+        code = subprocess.run(cmd, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)}).returncode
+    if code:
+        tail = "\n    ".join(log.read_text(errors="replace").splitlines()[-5:])
+        print(f"{name}: FAILED with exit status {code}; the end of {log}:\n    {tail}", flush=True)
+        return f"{name} (exit status {code}, {log})"
+    print(f"{name}: done in {(time.monotonic() - started) / 60:.1f} min", flush=True)
+    return None
 
 
 def bootstrap(per_subset: list[list[float]], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -187,12 +211,15 @@ def _order(job: tuple) -> tuple:
 
 
 def main() -> None:
-    global OUT
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    global OUT, RUNS
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--methods", nargs="+", default=["ftm", "kdpo", "kdpo_nll"],
                         choices=list(METHODS))
     parser.add_argument("--subsets", nargs="+", help="report subsets to run (default: all of each dataset)")
+    parser.add_argument("--n", type=int, help="edits per subset: its first n (default: the dataset's N; for "
+                        "smoke tests)")
     parser.add_argument("--tune", action="store_true", help="run the tuning slice instead of the report subsets")
     parser.add_argument("--best", default="kdpo_nll", choices=list(METHODS),
                         help="the variant compared with FT-M and paper KDPO, paired by request")
@@ -200,25 +227,31 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads of each run (default: the cores / jobs)")
     parser.add_argument("--table", action="store_true", help="only print the table of existing results")
     parser.add_argument("--out", type=Path, default=OUT, help="folder of the run results (default: %(default)s)")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="run folders, with checkpoints and output.log")
     parser.add_argument("--name", default="quality", help="name of the table's JSON under bench/results")
-    args = parser.parse_args()
-    OUT = args.out.resolve()
-    started = report.now()
+    args, forwarded = parser.parse_known_args()  # the CLI's own flags (--trainer.accelerator gpu, ...) go to every run
+    unknown = [a for a in forwarded if a.startswith("--") and "." not in a]
+    if unknown:
+        parser.error(f"unknown flags {unknown}")
+    OUT, RUNS = args.out.resolve(), args.runs.resolve()
+    started, failed = report.now(), []
     if not args.table:
         jobs = []  # subset-major: the first subset of every dataset before the second of any
         for dataset in args.datasets:
             for subset, records in subsets(dataset).items():
                 if (subset == "tune") == args.tune and (args.tune or not args.subsets or subset in args.subsets):
+                    records = records[:args.n]
                     path = OUT / "subsets" / f"{dataset}_{subset}.json"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(records, ensure_ascii=False))
                     jobs += [(dataset, subset, method, len(records)) for method in args.methods]
         threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
         with ThreadPoolExecutor(args.jobs) as pool:
-            for future in [pool.submit(run, *job, threads) for job in sorted(jobs, key=_order)]:
-                future.result()  # a failed run stops the matrix with its error
+            failed = [f for f in pool.map(lambda job: run(*job, threads, forwarded), sorted(jobs, key=_order)) if f]
     result = table(args.tune) + "\n\n" + verdict(args.best, tune=args.tune)
     report.save(f"{args.name}_tune" if args.tune else args.name, result, started)
+    if failed:
+        sys.exit("failed runs (the others finished): " + "; ".join(failed))
 
 
 if __name__ == "__main__":
