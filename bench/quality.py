@@ -121,9 +121,10 @@ def fit(name: str, args: list[str], run_dir: Path, result: Path, threads: int) -
     with log.open("a") as stream:
         code = subprocess.run(cmd, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
                               env={**os.environ, "OMP_NUM_THREADS": str(threads)}).returncode
-    if code:
+    if code or not result.exists():  # a run stopped by SIGTERM ends with status 0 and no results
         tail = "\n    ".join(log.read_text(errors="replace").splitlines()[-5:])
-        print(f"{name}: FAILED with exit status {code}; the end of {log}:\n    {tail}", flush=True)
+        print(f"{name}: FAILED with exit status {code}, results {'written' if result.exists() else 'missing'}; "
+              f"the end of {log}:\n    {tail}", flush=True)
         return f"{name} (exit status {code}, {log})"
     print(f"{name}: done in {(time.monotonic() - started) / 60:.1f} min", flush=True)
     return None
@@ -144,26 +145,35 @@ def bootstrap(per_subset: list[list[float]], reps: int = 2000, seed: int = 0) ->
 
 
 def table(tune: bool = False) -> str:
+    """One row per dataset and method, then the pre-edit model's row: each metric's mean and 95% interval over
+    the subsets' requests. The pre-edit row has the generated metrics (`pre_<metric>` in every run, the same
+    for every method) and leaves the others empty."""
     head = "| dataset | method | subsets x N | " + " | ".join(METRICS) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for dataset in DATASETS:
+        before = {}  # subset: one run's results, for its pre-edit values
         for method in METHODS:
-            names = _subset_names(dataset, tune)
-            results = [r for r in (_results(dataset, s, method) for s in names) if r]
-            if not results:
-                continue
-            cells = []
-            for metric in METRICS:
-                per_subset = [[r[metric] for r in res["requests"] if r.get(metric) is not None] for res in results]
-                per_subset = [s for s in per_subset if s]
-                if per_subset:
-                    mean, low, high = bootstrap(per_subset)
-                    cells.append(f"{mean:.1f} [{low:.1f}, {high:.1f}]")
-                else:
-                    cells.append("–")
-            n = f"{len(results)} x {len(results[0]['requests'])}"
-            lines.append(f"| {dataset} | {method} | {n} | " + " | ".join(cells) + " |")
+            found = {s: r for s in _subset_names(dataset, tune) if (r := _results(dataset, s, method))}
+            if found:
+                lines.append(_row(dataset, method, list(found.values()), METRICS))
+                before = {**found, **before}
+        if before:
+            lines.append(_row(dataset, "pre-edit", list(before.values()), [f"pre_{m}" for m in METRICS]))
     return "\n".join(lines)
+
+
+def _row(dataset: str, method: str, results: list[dict], keys: list[str]) -> str:
+    cells = []
+    for key in keys:
+        per_subset = [[r[key] for r in res["requests"] if r.get(key) is not None] for res in results]
+        per_subset = [s for s in per_subset if s]
+        if per_subset:
+            mean, low, high = bootstrap(per_subset)
+            cells.append(f"{mean:.1f} [{low:.1f}, {high:.1f}]")
+        else:
+            cells.append("–")
+    n = f"{len(results)} x {len(results[0]['requests'])}"
+    return f"| {dataset} | {method} | {n} | " + " | ".join(cells) + " |"
 
 
 def _results(dataset: str, subset: str, method: str) -> dict | None:
