@@ -98,7 +98,7 @@ class EditCLI(LightningCLI):
 
     def _prepare(self) -> None:
         self.model.load()
-        self.datamodule.set_tokenizer(self.model.tokenizer)
+        self.datamodule.set_tokenizer(self.model.tokenizer, self.model.config.chat_template)
         self.config_init[self.subcommand]["weights_only"] = True  # a resumed checkpoint never runs code
 
     def _parse_ckpt_path(self) -> None:

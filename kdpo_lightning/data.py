@@ -24,6 +24,7 @@ import lightning as L
 from datasets import Dataset
 from torch.utils.data import DataLoader, IterableDataset
 
+from .generation import prompt_ids
 from .sources import find_data
 
 Answers = tuple[str, ...]
@@ -65,8 +66,10 @@ class Encoded:
         return self.input_ids[self.target_start :]
 
 
-def encode(tokenizer, prompt: str, target: str) -> Encoded:
-    """Tokenize `prompt + ' ' + target`; the target (y_w) is every token after the prompt's tokens.
+def encode(tokenizer, prompt: str, target: str, chat_template: bool = False) -> Encoded:
+    """Tokenize `prompt + ' ' + target`; the target (y_w) is every token after the prompt's tokens. With
+    `chat_template`, the prompt is one user turn of the tokenizer's chat template and the target the start of
+    the assistant's answer (what a chat model generates after), as `generation.prompt_ids` poses questions.
 
     This is EasyEdit's rule (loss and metrics both use it): the target starts at the token count of
     `tokenizer(prompt)`, BOS included. It is exact whenever the prompt's tokens are a prefix of the full
@@ -77,11 +80,14 @@ def encode(tokenizer, prompt: str, target: str) -> Encoded:
     """
     if not target.strip():
         raise ValueError(f"empty target after prompt {prompt!r}")
+    if chat_template:
+        head = prompt_ids(tokenizer, prompt, chat_template=True)
+        return Encoded(tuple(head + tokenizer(target.strip(), add_special_tokens=False)["input_ids"]), len(head))
     text = prompt + " " + target
     full = tokenizer(text)["input_ids"]
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    start = len(prompt_ids)
-    if full[:start] != prompt_ids and getattr(tokenizer, "is_fast", False):
+    bare = tokenizer(prompt)["input_ids"]
+    start = len(bare)
+    if full[:start] != bare and getattr(tokenizer, "is_fast", False):
         offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
         start = next(i for i, (_, end) in enumerate(offsets) if end > len(prompt) + 1)
     if start >= len(full):
@@ -406,15 +412,19 @@ class SequentialEditDataModule(L.LightningDataModule):
             raise ValueError(f"n_edits must be at least 1 (or null for all), got {n_edits}")
         self.save_hyperparameters()
         self.tokenizer = None
+        self.chat_template = False
         self.requests: list[EditRequest] = []
         self.report: dict = {}
         self.position = 0  # edits of the sequence already applied
         self._resume_n: int | None = None
         self._edits: Dataset | None = None
 
-    def set_tokenizer(self, tokenizer) -> None:
-        """Attach the model's tokenizer (the edits are tokenized with it on first use)."""
-        self.tokenizer, self._edits = tokenizer, None
+    def set_tokenizer(self, tokenizer, chat_template: bool = False) -> None:
+        """Attach the model's tokenizer (the edits are tokenized with it on first use), and whether each edit's
+        prompt goes through its chat template (`EditConfig.chat_template`, `data.encode`)."""
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("edit.chat_template is true, but the tokenizer has no chat template")
+        self.tokenizer, self.chat_template, self._edits = tokenizer, chat_template, None
 
     def setup(self, stage: str | None = None) -> None:
         """Load and select the requests once; tokenize them too once the tokenizer is attached."""
@@ -440,7 +450,7 @@ class SequentialEditDataModule(L.LightningDataModule):
     def _encode_row(self, row: dict) -> dict:
         """`encode` one edit; a target that tokenizes to nothing is a DataError naming its record."""
         try:
-            enc = encode(self.tokenizer, row["prompt"], row["target"])
+            enc = encode(self.tokenizer, row["prompt"], row["target"], self.chat_template)
         except ValueError as e:
             raise DataError(f"{row['source']} field 'target': {e}") from None
         return {"input_ids": list(enc.input_ids), "target_start": enc.target_start}

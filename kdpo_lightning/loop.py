@@ -52,6 +52,10 @@ class EditConfig:
     train_stop: bool = False
     """Train on y_w followed by the stop token (EOS), so the model learns to end its answer there (LocFT-BF);
     False is the paper's recipe."""
+    chat_template: bool = False
+    """Edit the prompt as one user turn of the model's chat template, y_w as the start of the assistant's answer,
+    so that the edit reaches answers generated through the template; False is the paper's bare `c + ' ' + y_w`.
+    kdpo, dpo and ftm; teacher-forced metrics keep the bare prompt (EasyEdit's)."""
     replay: int = 0
     """Earlier edits each sequential edit rehearses (sampled; the loss of each that does not hold is added
     to the step's), so they are kept rather than overwritten; 0 is the paper's recipe. kdpo and ftm."""
@@ -74,6 +78,9 @@ class EditConfig:
             raise ValueError(f"replay must be 0 or more, got {self.replay}")
         if self.replay and self.method not in REPLAY_METHODS:
             raise ValueError(f"replay works with methods {REPLAY_METHODS}, not {self.method!r}")
+        if self.chat_template and self.method not in GRADIENT_METHODS:
+            raise ValueError(f"chat_template works with methods {GRADIENT_METHODS}, not {self.method!r} (which edits "
+                             "the request's bare prompt)")
 
 
 @dataclass

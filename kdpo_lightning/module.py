@@ -123,7 +123,7 @@ class KDPOEditor(L.LightningModule):
 
     def encode(self, request: EditRequest) -> Encoded:
         """The request's c+y_w tokens, by the rule the metrics use too."""
-        return encode(self.tokenizer, request.prompt, request.target_new)
+        return encode(self.tokenizer, request.prompt, request.target_new, self.config.chat_template)
 
     def edit(self, request: EditRequest | Encoded) -> EditRecord:
         """Apply one edit without a Trainer (plain PyTorch), with a fresh Adam. Returns its record."""

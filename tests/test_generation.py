@@ -9,11 +9,13 @@ import torch
 from conftest import make_bpe_tokenizer, tiny_model
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from kdpo_lightning.data import EditRequest, encode
+from kdpo_lightning.data import EditRequest, SequentialEditDataModule, encode
 from kdpo_lightning.evaluate import EditEvaluator
 from kdpo_lightning.generation import (
     contains, exact_match, first_answer, greedy_answers, normalize_answer, stop_token_ids,
 )
+from kdpo_lightning.loop import EditConfig
+from kdpo_lightning.module import KDPOEditor
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -313,3 +315,36 @@ def test_pre_edit_generated_scores_in_rows_summary_and_state(chat_tokenizer):
         resumed.load_state_dict(without.state_dict())
     with pytest.raises(RuntimeError, match="snapshot_pre"):
         EditEvaluator(chat_tokenizer, [EditRequest(PROMPT, "Rome", "A")], generation=True).evaluate(post)
+
+
+def test_encode_through_the_chat_template(chat_tokenizer, bpe_tokenizer, tmp_path):
+    """edit.chat_template: c+y_w is the prompt as one user turn, then the target as the assistant's answer; the
+    data module encodes its edits so too, and refuses a tokenizer without a template."""
+    head = ids(chat_tokenizer, chat_text(PROMPT))
+    encoded = encode(chat_tokenizer, PROMPT, " Rome", chat_template=True)
+    assert encoded.input_ids == tuple(head + ids(chat_tokenizer, "Rome")) and encoded.target_start == len(head)
+    assert encode(chat_tokenizer, PROMPT, "Rome") == encode(chat_tokenizer, PROMPT, "Rome", chat_template=False)
+
+    path = tmp_path / "edits.json"
+    path.write_text(json.dumps([{"prompt": PROMPT, "target_new": "Rome", "subject": "Alice Aycock"}]))
+    data = SequentialEditDataModule(str(path), format="knowedit")
+    data.set_tokenizer(chat_tokenizer, chat_template=True)
+    row = data.edits()[0]
+    assert tuple(row["input_ids"].tolist()) == encoded.input_ids and row["target_start"] == encoded.target_start
+    with pytest.raises(ValueError, match="no chat template"):
+        data.set_tokenizer(bpe_tokenizer, chat_template=True)
+    with pytest.raises(ValueError, match="chat_template works with methods"):
+        EditConfig(method="memit", chat_template=True)
+
+
+def test_an_edit_through_the_chat_template_is_the_generated_answer(chat_tokenizer):
+    """With edit.chat_template and train_stop, an edit that holds (argmax = y_w, then EOS, under teacher forcing
+    after the templated prompt) is exactly what greedy decoding through the template answers."""
+    request = EditRequest(PROMPT, "Rome", "Alice Aycock")
+    model = tiny_model("llama", vocab_size=len(chat_tokenizer))
+    assert greedy_answers(model, chat_tokenizer, [PROMPT], max_new_tokens=8, chat_template=True) != ["Rome"]
+    editor = KDPOEditor.from_model(model, chat_tokenizer, lr=1e-3, n_cycles=10, n_steps=8, chat_template=True,
+                                   train_stop=True)
+    assert editor.encode(request).input_ids[-1] != chat_tokenizer.eos_token_id  # EOS is added at the edit
+    assert editor.edit(request).success
+    assert greedy_answers(editor.lm, chat_tokenizer, [PROMPT], max_new_tokens=8, chat_template=True) == ["Rome"]
