@@ -50,6 +50,7 @@ METHODS = {  # name: overrides of configs/demo.yaml
     "kdpo_norm10": ["--model.constraints.max_change", "0.1"],
     "kdpo_nll_norm10": ["--model.edit.nll_alpha", "0.5", "--model.constraints.max_change", "0.1"],
     "kdpo_chat": ["--model.edit.chat_template", "true", "--model.edit.train_stop", "true"],  # edits as chat turns
+    "ftm_chat": ["--model.edit.method", "ftm", "--model.edit.chat_template", "true", "--model.edit.train_stop", "true"],
     "kdpo_null_nll": ["--model.constraints.nullspace_threshold", "0.1", "--model.edit.nll_alpha", "0.5"],
     # MEMIT/AlphaEdit: the official LLaMA3-8B settings, but v_lr 0.5 (the official GPT-J/GPT-2-XL value; at 0.1 the
     # target value does not converge on SmolLM2: 0/5 edits) and, for AlphaEdit, 50 steps (5/5); MEMIT's lambda 1500
