@@ -90,8 +90,8 @@ speed() {
 }
 
 collect() {  # what has landed, as one archive under $OUT (replaced whole, so a cut sitting returns a sound one)
-  tar -czf "$OUT/results.tmp" --ignore-failed-read --exclude='*.safetensors' bench/results/closed_form bench/results/closed_form.json \
-    bench/results/lifelong bench/results/lifelong_tune.json bench/results/lifelong_tune.png 2>/dev/null
+  tar -czf "$OUT/results.tmp" --ignore-failed-read --exclude='*.safetensors' bench/results/closed_form \
+    bench/results/closed_form.json bench/results/lifelong bench/results/lifelong_tune.json bench/results/lifelong_tune.png 2>/dev/null
   mv "$OUT/results.tmp" "$OUT/results.tgz"
 }
 
@@ -114,12 +114,13 @@ quality() {
     cat "$STAGED"/gguf.partaa .carry/gguf.partab > "$gguf" || return 1
   fi
   $PYTHON -m kdpo_lightning.cli prepare-model --gguf "$gguf" || return 1
-  device=(--trainer.accelerator gpu --trainer.devices 1)
-  [ $DRY = 1 ] || mps
   if [ $DRY = 1 ]; then
     device=(--trainer.accelerator cpu)
     n=(--n 2)
     every=2
+  else
+    device=(--trainer.accelerator gpu --trainer.devices 1)
+    mps
   fi
   $PYTHON bench/quality.py --datasets zsre --methods ${QUALITY_METHODS:-ftm kdpo kdpo_nll memit alphaedit} \
     --subsets ${QUALITY_SUBSETS:-0 1 2} --jobs "${QUALITY_JOBS:-15}" --threads 1 --out bench/results/closed_form \

@@ -39,6 +39,7 @@ DATASETS = {  # name: (data set name, N per subset, number of subsets)
     "counterfact": ("knowedit/wiki_counterfact", 50, 1),
     "wikibio": ("knowedit/wikibio", 50, 1),
 }
+CHAT = ["--model.edit.chat_template", "true", "--model.edit.train_stop", "true"]  # edits as chat turns, then stop
 METHODS = {  # name: overrides of configs/demo.yaml
     "ftm": ["--model.edit.method", "ftm"],
     "kdpo": [],
@@ -49,8 +50,8 @@ METHODS = {  # name: overrides of configs/demo.yaml
     "kdpo_norm": ["--model.constraints.max_change", "0.05"],
     "kdpo_norm10": ["--model.constraints.max_change", "0.1"],
     "kdpo_nll_norm10": ["--model.edit.nll_alpha", "0.5", "--model.constraints.max_change", "0.1"],
-    "kdpo_chat": ["--model.edit.chat_template", "true", "--model.edit.train_stop", "true"],  # edits as chat turns
-    "ftm_chat": ["--model.edit.method", "ftm", "--model.edit.chat_template", "true", "--model.edit.train_stop", "true"],
+    "kdpo_chat": CHAT,
+    "ftm_chat": ["--model.edit.method", "ftm", *CHAT],
     "kdpo_null_nll": ["--model.constraints.nullspace_threshold", "0.1", "--model.edit.nll_alpha", "0.5"],
     # MEMIT/AlphaEdit: the official LLaMA3-8B settings, but v_lr 0.5 (the official GPT-J/GPT-2-XL value; at 0.1 the
     # target value does not converge on SmolLM2: 0/5 edits) and, for AlphaEdit, 50 steps (5/5); MEMIT's lambda 1500
