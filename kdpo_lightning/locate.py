@@ -3,7 +3,8 @@
 An edit (one request or a batch) follows the official AlphaEdit code (github.com/jianghoucheng/AlphaEdit,
 built on MEMIT's), over a few consecutive layers' MLP output projections W (found as in `policy.py`):
 1. Target value z, per request: a vector added to the last edited layer's output at the subject's last
-   token is trained with Adam until the model says y_w after the prompt in every context template.
+   token is trained with Adam until the model says y_w after the prompt in every context template (the
+   layers up to that one are run once and replayed: nothing below the delta changes).
 2. Keys k: each edited projection's input at the subject's last token, averaged over context templates.
 3. Layer by layer, from the lowest: the residual R = z - (the last edited layer's output now), divided by
    the number of layers left, is written into W in closed form; the next layer's keys are read from the
@@ -20,7 +21,7 @@ import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +31,7 @@ from .constraints import projection_inputs, projection_module
 from .data import EditRequest, encode
 from .loop import EditRecord
 from .objective import teacher_forced_argmax
-from .policy import find_layers, output_projections, target_rows
+from .policy import _forwards, _hidden, _keep, _run_until, find_layers, output_projections, target_rows
 
 LOCATE_METHODS = ("memit", "alphaedit")
 TEMPLATE_STARTS = ("The", "Therefore", "Because", "I", "You")
@@ -194,27 +195,11 @@ def _right_pad(sequences: list[list[int]], device: torch.device) -> Tensor:
     return torch.tensor([s + [s[-1]] * (width - len(s)) for s in sequences], device=device)
 
 
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def _layer_output(model: nn.Module, layer: nn.Module, ids: Tensor) -> Tensor:
-    """The output hidden states (B, T, D) of decoder `layer` on `ids`; the forward stops there."""
-    seen = []
-
-    def record(module, args, output):
-        seen.append(output[0] if isinstance(output, tuple) else output)
-        raise _Stop
-
-    handle = layer.register_forward_hook(record)
-    try:
-        model(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return seen[0]
+def _layer_output(model: nn.Module, layer: nn.Module, ids: Tensor) -> Any:
+    """What decoder `layer` returns on `ids` (hidden states, or a tuple starting with them); the forward stops there."""
+    seen: dict[str, Any] = {}
+    _run_until(model, {"input_ids": ids}, layer, [layer.register_forward_hook(_keep(seen, "output"))])
+    return seen["output"]
 
 
 @contextmanager
@@ -371,9 +356,12 @@ class LocateThenEdit:
 
         optimizer = torch.optim.Adam([delta], lr=cfg.v_lr)
         kl_before, losses = None, []
-        handle = self.blocks[self.layers[-1]].register_forward_hook(add_delta)
+        below = list(self.blocks)[: self.layers[-1] + 1]  # unchanged while z is found: run once, then replayed
+        fixed = _layer_output(self.model, below[-1], ids)
+        handle = below[-1].register_forward_hook(add_delta)
         try:
-            with torch.enable_grad(), _layers_pass_through(list(self.blocks)[self.loss_layer + 1:]):
+            with (torch.enable_grad(), _layers_pass_through(list(self.blocks)[self.loss_layer + 1:]),
+                  _forwards({block: lambda *args, **kwargs: fixed for block in below})):
                 for step in range(cfg.v_num_grad_steps):
                     logits = self.model(input_ids=ids, use_cache=False).logits
                     logps = logits[batch, positions].float().log_softmax(-1).gather(-1, y_w[:, None])
@@ -419,7 +407,7 @@ class LocateThenEdit:
     def _z_layer_output(self, facts: list[_Fact]) -> Tensor:
         """The last edited layer's output (D, n) fp32 at the subject's last token of each bare prompt."""
         ids = _right_pad([self._ids("", f.prompt) for f in facts], self.device)
-        hidden = _layer_output(self.model, self.blocks[self.layers[-1]], ids)
+        hidden = _hidden(_layer_output(self.model, self.blocks[self.layers[-1]], ids))[0]
         lookups = torch.tensor([self._lookup("", f) for f in facts], device=hidden.device)
         return hidden[torch.arange(len(facts), device=hidden.device), lookups].float().T
 

@@ -166,6 +166,32 @@ def test_first_target_loss_is_the_nll_of_y_w_read_at_the_loss_layer(bpe_tokenize
         assert record.losses == [pytest.approx(expected.item(), rel=1e-5)] and record.steps == 0
 
 
+def test_last_target_loss_is_the_nll_of_a_full_forward_with_z_written_in(bpe_tokenizer) -> None:
+    """The target-value steps replay the layers below the edited one; the last loss must still be the NLL of
+    y_w from a plain forward whose edited layer outputs z at the subject's last token (no KL, no decay)."""
+    model = tiny()
+    config = dataclasses.replace(TINY, v_num_grad_steps=6, v_weight_decay=0.0, kl_factor=0.0, v_stop_loss=0.0)
+    editor = LocateThenEdit(model, bpe_tokenizer, "memit", config, covariances(model, bpe_tokenizer, [1]))
+    request = requests(1)[0]
+    fact = _fact(bpe_tokenizer, request)
+    z, losses = editor._target_value(fact)
+    subject_end = len(bpe_tokenizer(request.prompt)["input_ids"]) - 1
+
+    def write_z(module, args, output):
+        output = output.clone()
+        output[0, subject_end] = z
+        return output
+
+    ids = torch.tensor([fact.input_ids])
+    handle = model.model.layers[1].register_forward_hook(write_z)
+    try:
+        expected = ftm_loss(target_rows(model, len(fact.y_w), input_ids=ids)[0], ids[0, fact.target_start:])
+    finally:
+        handle.remove()
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert losses[-1] == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_keys_average_the_bare_prompt_with_the_generated_templates(bpe_tokenizer) -> None:
     """Key = (bare prompt's key + the generated templates' mean key) / 2 at the subject's last token, each
     read here from its own unpadded forward (the editor reads them from one right-padded batch)."""
