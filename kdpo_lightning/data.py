@@ -24,7 +24,7 @@ import lightning as L
 from datasets import Dataset
 from torch.utils.data import DataLoader, IterableDataset
 
-from .generation import prompt_ids
+from .generation import has_chat_template, prompt_ids
 from .sources import find_data
 
 Answers = tuple[str, ...]
@@ -422,8 +422,7 @@ class SequentialEditDataModule(L.LightningDataModule):
     def set_tokenizer(self, tokenizer, chat_template: bool = False) -> None:
         """Attach the model's tokenizer (the edits are tokenized with it on first use), and whether each edit's
         prompt goes through its chat template (`EditConfig.chat_template`, `data.encode`)."""
-        if chat_template and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("edit.chat_template is true, but the tokenizer has no chat template")
+        has_chat_template(tokenizer, required="edit.chat_template" if chat_template else None)
         self.tokenizer, self.chat_template, self._edits = tokenizer, chat_template, None
 
     def setup(self, stage: str | None = None) -> None:

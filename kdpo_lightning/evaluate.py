@@ -18,7 +18,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from kdpo_lightning.data import EditRequest, encode
 from kdpo_lightning.generation import (
-    SAMPLINGS, by_length, contains, exact_match, generate_texts, greedy_answers, left_pad, model_device, pad_token_id,
+    SAMPLINGS, by_length, contains, exact_match, generate_texts, greedy_answers, has_chat_template, left_pad, model_device,
+    pad_token_id,
 )
 from kdpo_lightning.saving import atomic_write
 from kdpo_lightning.metrics import (
@@ -106,9 +107,7 @@ class EditEvaluator:
             raise ValueError(f"fluency_sampling must be one of {SAMPLINGS}, got {fluency_sampling!r}")
         if generation_max_tokens < 1:
             raise ValueError(f"generation_max_tokens must be at least 1, got {generation_max_tokens}")
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        if chat_template and not has_template:
-            raise ValueError("chat_template=True, but the tokenizer has no chat template")
+        has_template = has_chat_template(tokenizer, required="chat_template" if chat_template else None)
         self.tokenizer, self.requests, self.batch_size = tokenizer, list(requests), batch_size
         self.fluency, self.fluency_sampling = fluency, fluency_sampling
         self.max_new_tokens, self.seed = max_new_tokens, seed

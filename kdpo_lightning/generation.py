@@ -192,13 +192,21 @@ def stop_token_ids(tokenizer) -> frozenset[int]:
     return frozenset(special | ({tokenizer.eos_token_id} - {None}))
 
 
+def has_chat_template(tokenizer, required: str | None = None) -> bool:
+    """Whether the tokenizer has a chat template; if not and `required` names the flag that asks for one,
+    a ValueError saying so."""
+    found = bool(getattr(tokenizer, "chat_template", None))
+    if required and not found:
+        raise ValueError(f"{required} is true, but the tokenizer has no chat template")
+    return found
+
+
 def prompt_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:
     """The ids a generated answer follows: the bare prompt, or with `chat_template` the prompt as one
     user turn of the tokenizer's chat template followed by the assistant's header."""
     if not chat_template:
         return list(tokenizer(prompt)["input_ids"])
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat_template=True, but the tokenizer has no chat template")
+    has_chat_template(tokenizer, required="chat_template")
     turn = [{"role": "user", "content": prompt}]
     return list(tokenizer.apply_chat_template(turn, add_generation_prompt=True, return_dict=True)["input_ids"])
 
