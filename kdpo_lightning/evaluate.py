@@ -18,8 +18,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from kdpo_lightning.data import EditRequest, encode
 from kdpo_lightning.generation import (
-    SAMPLINGS, by_length, contains, exact_match, generate_texts, greedy_answers, has_chat_template, left_pad, model_device,
-    pad_token_id,
+    SAMPLINGS, by_length, contains, exact_match, generate_texts, greedy_answers, has_chat_template, left_pad,
+    model_device, pad_token_id,
 )
 from kdpo_lightning.saving import atomic_write
 from kdpo_lightning.metrics import (
