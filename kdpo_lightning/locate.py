@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,9 @@ from .constraints import projection_inputs, projection_module
 from .data import EditRequest, encode
 from .loop import EditRecord
 from .objective import teacher_forced_argmax
-from .policy import _forwards, _hidden, _keep, _run_until, find_layers, output_projections, target_rows
+from .policy import (
+    find_layers, layer_output, output_projections, replaced_forwards, split_hidden, target_rows,
+)
 
 LOCATE_METHODS = ("memit", "alphaedit")
 TEMPLATE_STARTS = ("The", "Therefore", "Because", "I", "You")
@@ -195,13 +197,6 @@ def _right_pad(sequences: list[list[int]], device: torch.device) -> Tensor:
     return torch.tensor([s + [s[-1]] * (width - len(s)) for s in sequences], device=device)
 
 
-def _layer_output(model: nn.Module, layer: nn.Module, ids: Tensor) -> Any:
-    """What decoder `layer` returns on `ids` (hidden states, or a tuple starting with them); the forward stops there."""
-    seen: dict[str, Any] = {}
-    _run_until(model, {"input_ids": ids}, layer, [layer.register_forward_hook(_keep(seen, "output"))])
-    return seen["output"]
-
-
 @contextmanager
 def _layers_pass_through(layers: Sequence[nn.Module]) -> Iterator[None]:
     """Each of `layers` returns its input hidden states, so the head reads the layer below them."""
@@ -357,11 +352,11 @@ class LocateThenEdit:
         optimizer = torch.optim.Adam([delta], lr=cfg.v_lr)
         kl_before, losses = None, []
         below = list(self.blocks)[: self.layers[-1] + 1]  # unchanged while z is found: run once, then replayed
-        fixed = _layer_output(self.model, below[-1], ids)
+        fixed = layer_output(self.model, below[-1], input_ids=ids)
         handle = below[-1].register_forward_hook(add_delta)
         try:
             with (torch.enable_grad(), _layers_pass_through(list(self.blocks)[self.loss_layer + 1:]),
-                  _forwards({block: lambda *args, **kwargs: fixed for block in below})):
+                  replaced_forwards({block: lambda *args, **kwargs: fixed for block in below})):
                 for step in range(cfg.v_num_grad_steps):
                     logits = self.model(input_ids=ids, use_cache=False).logits
                     logps = logits[batch, positions].float().log_softmax(-1).gather(-1, y_w[:, None])
@@ -407,7 +402,7 @@ class LocateThenEdit:
     def _z_layer_output(self, facts: list[_Fact]) -> Tensor:
         """The last edited layer's output (D, n) fp32 at the subject's last token of each bare prompt."""
         ids = _right_pad([self._ids("", f.prompt) for f in facts], self.device)
-        hidden = _hidden(_layer_output(self.model, self.blocks[self.layers[-1]], ids))[0]
+        hidden = split_hidden(layer_output(self.model, self.blocks[self.layers[-1]], input_ids=ids))[0]
         lookups = torch.tensor([self._lookup("", f) for f in facts], device=hidden.device)
         return hidden[torch.arange(len(facts), device=hidden.device), lookups].float().T
 

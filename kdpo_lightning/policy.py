@@ -124,7 +124,7 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
 
 
 @contextmanager
-def _forwards(replacements: dict[nn.Module, Callable[..., Any]]) -> Iterator[None]:
+def replaced_forwards(replacements: dict[nn.Module, Callable[..., Any]]) -> Iterator[None]:
     """Run modules with other forward functions for a while. Each module keeps its place and
     attributes, so the model's own code runs unchanged around it; an instance-level `forward`
     another library set (e.g. accelerate's hooks) is put back afterwards."""
@@ -148,7 +148,7 @@ def _skinny_head(model: nn.Module) -> Iterator[None]:
     if type(head) is not nn.Linear or "forward" in head.__dict__:
         yield
         return
-    with _forwards({head: lambda x: skinny_linear(x, head.weight, head.bias)}):
+    with replaced_forwards({head: lambda x: skinny_linear(x, head.weight, head.bias)}):
         yield
 
 
@@ -216,6 +216,14 @@ def _run_until(model: nn.Module, inputs: dict[str, Tensor], last: nn.Module, hoo
             hook.remove()
 
 
+def layer_output(model: nn.Module, layer: nn.Module, **inputs: Tensor) -> Any:
+    """What `layer` returns in a no-grad forward of the model's `inputs` (hidden states, or a tuple starting
+    with them); the forward stops there."""
+    seen: dict[str, Any] = {}
+    _run_until(model, inputs, layer, [layer.register_forward_hook(_keep(seen, "output"))])
+    return seen["output"]
+
+
 @dataclass
 class _Fixed:
     """The fixed part of one input's forward: the output of the layers below the trained one and,
@@ -234,7 +242,7 @@ class _Fixed:
         return hidden if self.rest is None else (hidden, *self.rest)
 
 
-def _hidden(output: Any) -> tuple[Any, tuple | None]:
+def split_hidden(output: Any) -> tuple[Any, tuple | None]:
     """A layer's output split into its hidden states and the rest of a tuple (None for a tensor)."""
     return (output[0], tuple(output[1:])) if isinstance(output, tuple) else (output, None)
 
@@ -269,7 +277,7 @@ class PrefixCache:
         if self.projection:
             replacements[self.layer] = lambda *args, **kwargs: fixed.layer_output(
                 self.owner(*fixed.args, **fixed.kwargs))
-        with _forwards(replacements):
+        with replaced_forwards(replacements):
             yield
 
     def _capture(self, inputs: dict[str, Tensor]) -> _Fixed:
@@ -288,7 +296,7 @@ class PrefixCache:
             self.layer.register_forward_hook(_keep(seen, "residual")),
         ]
         _run_until(self.model, inputs, self.layer, hooks)
-        residual, rest = _hidden(seen["residual"])
+        residual, rest = split_hidden(seen["residual"])
         fixed = _Fixed(seen["lower"], residual, *(seen["calls"][0] if seen["calls"] else ((), {})), rest)
         if self.projection is None:
             self.projection = len(seen["calls"]) == 1 and self._is_additive(inputs, fixed)
@@ -300,9 +308,9 @@ class PrefixCache:
         seen: dict[str, Any] = {}
         hooks = [self.owner.register_forward_hook(_keep(seen, "owner")),
                  self.layer.register_forward_hook(_keep(seen, "layer"))]
-        with _forwards({layer: lambda *args, **kwargs: fixed.lower for layer in self.lower}):
+        with replaced_forwards({layer: lambda *args, **kwargs: fixed.lower for layer in self.lower}):
             _run_until(self.model, inputs, self.layer, hooks)
-        owner, layer, residual = seen["owner"], _hidden(seen["layer"])[0], fixed.residual
+        owner, layer, residual = seen["owner"], split_hidden(seen["layer"])[0], fixed.residual
         return (all(isinstance(t, Tensor) for t in (owner, layer, residual)) and owner.numel() == layer.numel()
                 and layer.shape == residual.shape and torch.equal(layer, residual + owner.reshape(layer.shape)))
 
