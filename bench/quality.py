@@ -147,16 +147,16 @@ def bootstrap(per_subset: list[list[float]], reps: int = 2000, seed: int = 0) ->
     return 100 * sum(values) / len(values), 100 * means[int(0.025 * reps)], 100 * means[int(0.975 * reps) - 1]
 
 
-def table(tune: bool = False) -> str:
+def table(tune: bool = False, only: list[str] | None = None) -> str:
     """One row per dataset and method, then the pre-edit model's row: each metric's mean and 95% interval over
-    the subsets' requests. The pre-edit row has the generated metrics (`pre_<metric>` in every run, the same
+    the subsets' requests (all report subsets, or `only` these). The pre-edit row has the generated metrics (`pre_<metric>` in every run, the same
     for every method) and leaves the others empty."""
     head = "| dataset | method | subsets x N | " + " | ".join(METRICS) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for dataset in DATASETS:
         before = {}  # subset: one run's results, for its pre-edit values
         for method in METHODS:
-            found = {s: r for s in _subset_names(dataset, tune) if (r := _results(dataset, s, method))}
+            found = {s: r for s in _subset_names(dataset, tune, only) if (r := _results(dataset, s, method))}
             if found:
                 lines.append(_row(dataset, method, list(found.values()), METRICS))
                 before = {**found, **before}
@@ -184,14 +184,16 @@ def _results(dataset: str, subset: str, method: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _subset_names(dataset: str, tune: bool) -> list[str]:
-    return ["tune"] if tune else [str(k) for k in range(DATASETS[dataset][2])]
+def _subset_names(dataset: str, tune: bool, only: list[str] | None = None) -> list[str]:
+    return ["tune"] if tune else [str(k) for k in range(DATASETS[dataset][2]) if only is None or str(k) in only]
 
 
-def paired(dataset: str, a: str, b: str, metric: str, tune: bool = False) -> tuple[float, float, float] | None:
-    """Mean and 95% interval of `a - b` in `metric` (points), paired by request over the subsets both ran."""
+def paired(dataset: str, a: str, b: str, metric: str, tune: bool = False,
+           only: list[str] | None = None) -> tuple[float, float, float] | None:
+    """Mean and 95% interval of `a - b` in `metric` (points), paired by request over the subsets both ran
+    (of `only`, if given)."""
     per_subset = []
-    for subset in _subset_names(dataset, tune):
+    for subset in _subset_names(dataset, tune, only):
         ra, rb = _results(dataset, subset, a), _results(dataset, subset, b)
         if ra and rb:
             other = {r["index"]: r.get(metric) for r in rb["requests"]}
@@ -200,21 +202,23 @@ def paired(dataset: str, a: str, b: str, metric: str, tune: bool = False) -> tup
     return bootstrap(per_subset) if per_subset else None
 
 
-def verdict(best: str, baselines: tuple[str, str] = ("ftm", "kdpo"), tune: bool = False) -> str:
-    """Per dataset: does `best` beat both baselines in Edit Succ. (paired interval above 0) with
-    Locality no worse than the better baseline's (paired interval reaching 0)?"""
+def verdict(best: str, baselines: tuple[str, ...] = ("ftm", "kdpo"), tune: bool = False,
+            only: list[str] | None = None) -> str:
+    """Per dataset: does `best` beat every baseline in Edit Succ. (paired interval above 0) with Locality
+    no worse than the best-keeping baseline's (paired interval reaching 0)? Over the subsets `only`, if given."""
     fmt = "{:+.1f} [{:+.1f}, {:+.1f}]".format
-    lines = [f"| dataset | {best} - {baselines[0]}: Edit Succ. | {best} - {baselines[1]}: Edit Succ. | "
-             "better locality | Locality difference | beats both, locality kept |", "|---|---|---|---|---|---|"]
+    lines = ["| dataset | " + " | ".join(f"{best} - {b}: Edit Succ." for b in baselines)
+             + " | better locality | Locality difference | beats all, locality kept |",
+             "|---|" + "---|" * (len(baselines) + 3)]
     for dataset in DATASETS:
-        edit = [paired(dataset, best, b, "edit_success", tune) for b in baselines]
-        local = {b: paired(dataset, best, b, "locality_mean", tune) for b in baselines}
+        edit = [paired(dataset, best, b, "edit_success", tune, only) for b in baselines]
+        local = {b: paired(dataset, best, b, "locality_mean", tune, only) for b in baselines}
         if None in edit or None in local.values():
             continue
         keeper = min(baselines, key=lambda b: local[b][0])  # the baseline whose locality is higher
         answer = all(low > 0 for _, low, _ in edit) and local[keeper][2] >= 0
-        lines.append(f"| {dataset} | {fmt(*edit[0])} | {fmt(*edit[1])} | {keeper} | {fmt(*local[keeper])} | "
-                     f"{'yes' if answer else 'no'} |")
+        lines.append(f"| {dataset} | " + " | ".join(fmt(*e) for e in edit)
+                     + f" | {keeper} | {fmt(*local[keeper])} | {'yes' if answer else 'no'} |")
     return "\n".join(lines)
 
 
@@ -230,12 +234,15 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--methods", nargs="+", default=["ftm", "kdpo", "kdpo_nll"],
                         choices=list(METHODS))
-    parser.add_argument("--subsets", nargs="+", help="report subsets to run (default: all of each dataset)")
+    parser.add_argument("--subsets", nargs="+", help="report subsets to run and tabulate (default: all of each "
+                        "dataset)")
     parser.add_argument("--n", type=int, help="edits per subset: its first n (default: the dataset's N; for "
                         "smoke tests)")
     parser.add_argument("--tune", action="store_true", help="run the tuning slice instead of the report subsets")
     parser.add_argument("--best", default="kdpo_nll", choices=list(METHODS),
-                        help="the variant compared with FT-M and paper KDPO, paired by request")
+                        help="the method compared with the baselines, paired by request")
+    parser.add_argument("--baselines", nargs="+", default=["ftm", "kdpo"], choices=list(METHODS),
+                        help="what --best is compared with (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, sharing the CPU cores")
     parser.add_argument("--threads", type=int, help="CPU threads of each run (default: the cores / jobs)")
     parser.add_argument("--table", action="store_true", help="only print the table of existing results")
@@ -261,7 +268,8 @@ def main() -> None:
         threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
         with ThreadPoolExecutor(args.jobs) as pool:
             failed = [f for f in pool.map(lambda job: run(*job, threads, forwarded), sorted(jobs, key=_order)) if f]
-    result = table(args.tune) + "\n\n" + verdict(args.best, tune=args.tune)
+    result = table(args.tune, args.subsets) + "\n\n" + verdict(args.best, tuple(args.baselines), args.tune,
+                                                                args.subsets)
     report.save(f"{args.name}_tune" if args.tune else args.name, result, started)
     if failed:
         sys.exit("failed runs (the others finished): " + "; ".join(failed))
