@@ -149,8 +149,8 @@ def bootstrap(per_subset: list[list[float]], reps: int = 2000, seed: int = 0) ->
 
 def table(tune: bool = False, only: list[str] | None = None) -> str:
     """One row per dataset and method, then the pre-edit model's row: each metric's mean and 95% interval over
-    the subsets' requests (all report subsets, or `only` these). The pre-edit row has the generated metrics (`pre_<metric>` in every run, the same
-    for every method) and leaves the others empty."""
+    the subsets' requests (all report subsets, or `only` these). The pre-edit row has the generated metrics
+    (`pre_<metric>` in every run, the same for every method) and leaves the others empty."""
     head = "| dataset | method | subsets x N | " + " | ".join(METRICS) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for dataset in DATASETS:

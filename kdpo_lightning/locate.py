@@ -340,19 +340,17 @@ class LocateThenEdit:
         z_device = self.weights[self.names[-1]].device
         at = (torch.arange(len(rows), device=z_device), torch.tensor(lookups, device=z_device))
         delta = torch.zeros(self.model.config.get_text_config().hidden_size, device=z_device, requires_grad=True)
-        h: list[Tensor] = []  # the layer's output at the bare prompt's subject token, before any delta
+        below = list(self.blocks)[: self.layers[-1] + 1]  # unchanged while z is found: run once, then replayed
+        fixed = layer_output(self.model, below[-1], input_ids=ids)
+        h = split_hidden(fixed)[0][0, lookups[0]].float()  # the layer's output at the bare prompt's subject token
 
         def add_delta(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            if not h:
-                h.append(hidden[0, lookups[0]].detach().float())
+            hidden, rest = split_hidden(output)
             hidden = hidden.index_put(at, hidden[at] + delta.to(hidden.dtype))
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+            return hidden if rest is None else (hidden, *rest)
 
         optimizer = torch.optim.Adam([delta], lr=cfg.v_lr)
         kl_before, losses = None, []
-        below = list(self.blocks)[: self.layers[-1] + 1]  # unchanged while z is found: run once, then replayed
-        fixed = layer_output(self.model, below[-1], input_ids=ids)
         handle = below[-1].register_forward_hook(add_delta)
         try:
             with (torch.enable_grad(), _layers_pass_through(list(self.blocks)[self.loss_layer + 1:]),
@@ -364,19 +362,19 @@ class LocateThenEdit:
                     kl_logps = logits[-1, lookups[-1]].float().log_softmax(-1)
                     kl_before = kl_logps.detach() if kl_before is None else kl_before
                     kl = (kl_logps.exp() * (kl_logps - kl_before)).sum()  # KL(now || before)
-                    loss = nll + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() / h[0].norm() ** 2
+                    loss = nll + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() / h.norm() ** 2
                     losses.append(loss.item())
                     if losses[-1] < cfg.v_stop_loss or step == cfg.v_num_grad_steps - 1:
                         break
                     delta.grad, = torch.autograd.grad(loss, [delta])  # no gradient into the model's weights
                     optimizer.step()
                     with torch.no_grad():
-                        limit = cfg.clamp_norm_factor * h[0].norm()
+                        limit = cfg.clamp_norm_factor * h.norm()
                         if delta.norm() > limit:
                             delta.mul_(limit / delta.norm())
         finally:
             handle.remove()
-        return h[0] + delta.detach(), losses
+        return h + delta.detach(), losses
 
     def _contexts(self, facts: list[_Fact]) -> tuple[list[list[int]], list[int]]:
         """Every (request, template) prompt's ids and its subject's last-token index, request-major."""
