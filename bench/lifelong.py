@@ -60,6 +60,7 @@ QUICK = Setup("demo/zsre", tune=10, size=6, every=3, name="lifelong_quick")
 ORDERING_SEEDS = {"0": 1, "1": 2}  # report ordering: the seed of its sample
 
 REPLAY3 = ["--model.edit.replay", "3"]
+KEY_SPAN = ["--model.constraints.key_span", "true"]
 EDIT_NULL = ["--model.constraints.nullspace_threshold", "0.01", "--model.constraints.nullspace_texts", "0"]
 METHODS = {  # name: overrides of configs/demo.yaml; a new variant is one more line
     "ftm": ["--model.edit.method", "ftm"],
@@ -70,6 +71,8 @@ METHODS = {  # name: overrides of configs/demo.yaml; a new variant is one more l
     "kdpo_editnull": EDIT_NULL,  # the null space of earlier edits' keys only, no generic text
     "kdpo_layers": ["--model.target.trainable", r"[model\.layers\.(16|17|18|19|20)\.mlp\.down_proj\.weight]"],
     "kdpo_replay3_editnull": REPLAY3 + EDIT_NULL,
+    "kdpo_keyspan": KEY_SPAN,  # each update within the span of the edit's own keys
+    "kdpo_replay3_keyspan": REPLAY3 + KEY_SPAN,
 }
 BASELINES = ("ftm", "kdpo", "alphaedit")
 CAPABILITY = ["--retention.capability", "[mmlu, hellaswag]", "--retention.capability_n", "200"]

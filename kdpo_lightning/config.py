@@ -38,6 +38,9 @@ class Constraints:
     0: no preserved text; the null space protects only earlier edits' keys (P = I before the first edit)."""
     max_change: float | None = None
     """Keep ||W - W_0||_F <= max_change x ||W_0||_F, W_0 the tensor before the first edit. None: off."""
+    key_span: bool = False
+    """Keep each update within the span of the edit's own keys (the trained projection's inputs on c+y_w and
+    its replays): the edit is made as without it, inputs outside that span do not move. False: the paper."""
 
 
 @dataclass(frozen=True)

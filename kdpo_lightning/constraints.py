@@ -7,6 +7,9 @@ long edit sequences (the objective's other variant, the NLL anchor, is in `objec
   text (`nullspace_texts: 0`) only earlier edits' keys are protected; before the first edit P = I.
 - `NormBound` (ENCORE, NAS): the change of the tensor since the first edit is kept within a
   fraction of its norm.
+- `KeySpan`: each step's update is kept within the span of the edit's own keys. The edit's forward reads
+  the trained projection only through those keys, so it runs as without the constraint, while every input
+  outside that span is left alone: what Adam's elementwise step spreads elsewhere is dropped.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from .objective import bound_change, null_space_projector
+from .objective import bound_change, null_space_projector, span_basis
 
 
 class NormBound:
@@ -137,6 +140,40 @@ class NullSpace:
             self._update_projector(name)
 
 
+class KeySpan:
+    """dW -> dW Q Q^T, Q a basis of the span of the edit's keys: the trained projection's inputs at every
+    position of c+y_w but the last (the ones a target row reads), replays' included. (dW Q Q^T) k = dW k for
+    those keys, so the edit's losses and y_l are the unconstrained ones; exact when one layer trains (a lower
+    trained layer would move a higher one's keys) and for kdpo and ftm (vanilla DPO also reads c+y_l)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.model = model
+        self.modules = {name: projection_module(model, name) for name in names}
+        self.layout = {name: isinstance(module, Conv1D) for name, module in self.modules.items()}
+        self.bases: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def begin_edit(self, sequences: Sequence[Tensor]) -> None:
+        """Read the keys of an edit's sequences (each (1, T) ids: c+y_w, then its replays') at its start."""
+        keys: dict[str, list[Tensor]] = {name: [] for name in self.modules}
+        for ids in sequences:
+            for name, inputs in projection_inputs(self.model, self.modules, ids).items():
+                keys[name].append(inputs[0, :-1])
+        self.bases = {name: span_basis(torch.cat(k)) for name, k in keys.items()}
+
+    def apply(self, name: str, value: Tensor, previous: Tensor) -> None:
+        if name not in self.bases:
+            raise RuntimeError("KeySpan.begin_edit was not called for this edit (Policy.begin_edit passes the edit's ids)")
+        delta, Q = value - previous, self.bases[name].to(value.device)
+        value.copy_(previous + (Q @ (Q.T @ delta) if self.layout[name] else (delta @ Q) @ Q.T))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing outlives an edit."""
+
+
 def preserved_batches(tokenizer, n: int, seed: int, device: torch.device) -> list[Tensor]:
     """Generic text whose keys the null space preserves: `n` HellaSwag contexts and `n` MMLU
     questions (found on the data search path as general/*), one sequence per batch."""
@@ -205,9 +242,10 @@ def _layer_prefix(name: str) -> str:
 
 def build_constraints(model: nn.Module, tokenizer, params: dict[str, Tensor], limits, model_id: str,
                       states: Sequence[dict] = ()) -> list:
-    """The constraints `limits` (a `config.Constraints`) asks for on the trained `params`: the null space
-    (covariance cached on disk) and the norm bound, [] when both are off; `states` restore a checkpoint's."""
-    constraints: list = []
+    """The constraints `limits` (a `config.Constraints`) asks for on the trained `params`: the edit's key span,
+    the null space (covariance cached on disk) and the norm bound, [] when all are off; `states` restore a
+    checkpoint's."""
+    constraints: list = [KeySpan(model, list(params))] if limits.key_span else []
     if limits.nullspace_threshold is not None:
         device = next(model.parameters()).device
         covariances = cached_covariances(model, tokenizer, list(params), limits.nullspace_texts, model_id, device)

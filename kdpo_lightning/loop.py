@@ -151,7 +151,7 @@ def run_edit(
 
     `reference` may be None for FT-M. `backward` lets Lightning pass `manual_backward`. `replays` are
     earlier edits (c+y_w (1, T_j), target start) to rehearse (kdpo, ftm). The edit runs between
-    `policy.begin_edit()` and `policy.end_edit()`, the latter also on an error.
+    `policy.begin_edit(its sequences)` and `policy.end_edit()`, the latter also on an error.
     Raises NonFiniteError (weights left as they are: the caller rolls back).
     """
     if config.method not in GRADIENT_METHODS:
@@ -160,7 +160,7 @@ def run_edit(
         raise ValueError(f"replay works with methods {REPLAY_METHODS}, not {config.method!r}")
     batch = EditBatch.of(input_ids, target_start, replays)
     start_time = time.perf_counter()
-    policy.begin_edit()
+    policy.begin_edit([input_ids, *(ids for ids, _ in replays)])
     try:
         record = _cycles(policy, reference, batch, config, optimizer, backward)
     finally:

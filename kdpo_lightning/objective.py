@@ -89,6 +89,15 @@ def null_space_projector(covariance: Tensor, threshold: float) -> Tensor:
     return (null @ null.T).to(covariance.dtype)
 
 
+def span_basis(keys: Tensor, rtol: float = 1e-6) -> Tensor:
+    """An orthonormal basis (I, r) of the span of the rows of `keys` (N, I): the right singular vectors whose
+    singular value is above rtol x the largest (float64 SVD, returned in fp32). No keys: an empty (I, 0) basis."""
+    if not keys.any():
+        return keys.new_zeros(keys.shape[-1], 0, dtype=torch.float32)
+    _, values, vectors = torch.linalg.svd(keys.double(), full_matrices=False)
+    return vectors[values > rtol * values.max()].T.float()
+
+
 def bound_change(weight: Tensor, original: Tensor, max_ratio: float) -> Tensor:
     """`weight` with its change from `original` scaled down to at most max_ratio * ||original||_F
     (Frobenius); unchanged when already within the bound."""

@@ -26,7 +26,7 @@ import difflib
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -381,9 +381,10 @@ class Policy:
         owner = layers[start].get_submodule(owners.pop()) if len(owners) == 1 else None
         return PrefixCache(self.model, list(layers), start, owner)
 
-    def begin_edit(self) -> None:
+    def begin_edit(self, sequences: Sequence[Tensor] = ()) -> None:
         """Start an edit: bring the fp32 masters to the model's current tensors (on their device),
-        route gradients into them, forget cached prefixes."""
+        route gradients into them, forget cached prefixes, and show the constraints that read an edit's
+        inputs (`constraints.KeySpan`) its `sequences` ((1, T) ids each: c+y_w, then its replays')."""
         if self._closed:
             raise RuntimeError("this Policy is closed; make a new one to edit the model again")
         frozen = [name for name, param in self.model_params.items() if not param.requires_grad]
@@ -395,6 +396,9 @@ class Policy:
         if self._prefix is not None:
             self._prefix.clear()
         if self.constraints:
+            for constraint in self.constraints:
+                if hasattr(constraint, "begin_edit"):
+                    constraint.begin_edit(sequences)
             self._previous = self.original_values()
 
     def end_edit(self) -> None:
