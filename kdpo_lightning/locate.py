@@ -4,7 +4,8 @@ An edit (one request or a batch) follows the official AlphaEdit code (github.com
 built on MEMIT's), over a few consecutive layers' MLP output projections W (found as in `policy.py`):
 1. Target value z, per request: a vector added to the last edited layer's output at the subject's last
    token is trained with Adam until the model says y_w after the prompt in every context template (the
-   layers up to that one are run once and replayed: nothing below the delta changes).
+   layers up to that one are run once and replayed: nothing below the delta changes). `v_objective: kdpo`
+   trains it on KDPO's loss instead, until y_w is the teacher-forced argmax in every template.
 2. Keys k: each edited projection's input at the subject's last token, averaged over context templates.
 3. Layer by layer, from the lowest: the residual R = z - (the last edited layer's output now), divided by
    the number of layers left, is written into W in closed form; the next layer's keys are read from the
@@ -30,12 +31,13 @@ from transformers.pytorch_utils import Conv1D
 from .constraints import projection_inputs, projection_module
 from .data import EditRequest, encode
 from .loop import EditRecord
-from .objective import teacher_forced_argmax
+from .objective import kdpo_loss, teacher_forced_argmax
 from .policy import (
     find_layers, layer_output, output_projections, replaced_forwards, split_hidden, target_rows,
 )
 
 LOCATE_METHODS = ("memit", "alphaedit")
+V_OBJECTIVES = ("nll", "kdpo")
 TEMPLATE_STARTS = ("The", "Therefore", "Because", "I", "You")
 """Where the generated context templates start (official `get_context_templates`)."""
 
@@ -62,6 +64,14 @@ class LocateConfig:
     -1: the last layer, as the official 31 of LLaMA3-8B's 32 (v_loss_layer)."""
     v_stop_loss: float = 5e-2
     """The target-value optimization stops once its loss is below this (hard-coded in AlphaEdit/compute_z.py)."""
+    v_objective: str = "nll"
+    """What z is trained on: nll (the official: y_w's mean NLL over the templates) or kdpo (KDPO's loss against
+    the model before the edit, averaged over the templates, y_l the teacher-forced argmax regenerated every
+    `v_cycle_steps` steps; z is found once y_l == y_w in every template, and `v_stop_loss` is not used)."""
+    v_beta: float = 0.1
+    """KDPO's beta for `v_objective: kdpo`."""
+    v_cycle_steps: int = 8
+    """Adam steps between y_l regenerations for `v_objective: kdpo` (KDPO's steps per cycle)."""
     mom2_update_weight: float = 15000.0
     """MEMIT's lambda, the weight of the preserved keys' second moment C (mom2_update_weight)."""
     nullspace_threshold: float = 2e-2
@@ -85,6 +95,11 @@ class LocateConfig:
         for name in ("v_weight_decay", "kl_factor", "v_stop_loss", "n_context_templates"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.v_objective not in V_OBJECTIVES:
+            raise ValueError(f"v_objective must be one of {V_OBJECTIVES}, got {self.v_objective!r}")
+        if not self.v_beta > 0 or self.v_cycle_steps < 1:
+            raise ValueError(f"v_beta must be positive and v_cycle_steps at least 1, got {self.v_beta}, "
+                             f"{self.v_cycle_steps}")
         if self.v_num_grad_steps < 1:
             raise ValueError(f"v_num_grad_steps must be at least 1, got {self.v_num_grad_steps}")
         if self.context_template_length < 2:
@@ -135,6 +150,14 @@ def alphaedit_update(keys: Tensor, residuals: Tensor, projector: Tensor, edited:
     K, R, P = keys.double(), residuals.double(), projector.double()
     system = P @ (edited.double() + K @ K.T) + l2 * torch.eye(len(P), dtype=P.dtype, device=P.device)
     return torch.linalg.solve(system, P @ K @ R.T).T  # the transpose of dW's equation, as P and K K^T are symmetric
+
+
+def kdpo_rows_loss(rows: Tensor, ref_rows: Tensor, y_w: Tensor, y_l: Tensor, n: int, beta: float) -> Tensor:
+    """The mean over templates of KDPO's loss: rows and ref_rows (templates x n, V), y_w and y_l
+    (templates x n,), each template's n consecutive rows scoring y_w's n tokens."""
+    losses = [kdpo_loss(r, q, w, l, beta) for r, q, w, l in zip(rows.split(n), ref_rows.split(n), y_w.split(n),
+                                                                 y_l.split(n))]
+    return torch.stack(losses).mean()
 
 
 def spread_residual(residual: Tensor, index: int, n_layers: int) -> Tensor:
@@ -350,21 +373,30 @@ class LocateThenEdit:
             return hidden if rest is None else (hidden, *rest)
 
         optimizer = torch.optim.Adam([delta], lr=cfg.v_lr)
-        kl_before, losses = None, []
+        kl_before, losses, ref_rows, y_l = None, [], None, None
         handle = below[-1].register_forward_hook(add_delta)
         try:
             with (torch.enable_grad(), _layers_pass_through(list(self.blocks)[self.loss_layer + 1:]),
                   replaced_forwards({block: lambda *args, **kwargs: fixed for block in below})):
                 for step in range(cfg.v_num_grad_steps):
                     logits = self.model(input_ids=ids, use_cache=False).logits
-                    logps = logits[batch, positions].float().log_softmax(-1).gather(-1, y_w[:, None])
-                    nll = -logps.sum() / (n * n_rows)  # the mean over templates of the mean over y_w's tokens
+                    rows = logits[batch, positions].float().log_softmax(-1)  # (templates x n, V), template-major
+                    held = False
+                    if cfg.v_objective == "nll":  # the mean over templates of the mean over y_w's tokens
+                        target = -rows.gather(-1, y_w[:, None]).sum() / (n * n_rows)
+                    else:
+                        ref_rows = rows.detach() if ref_rows is None else ref_rows  # delta = 0: the model before
+                        if step % cfg.v_cycle_steps == 0:
+                            y_l = teacher_forced_argmax(rows).detach()
+                            held = bool((y_l == y_w).all())
+                        target = kdpo_rows_loss(rows, ref_rows, y_w, y_l, n, cfg.v_beta)
                     kl_logps = logits[-1, lookups[-1]].float().log_softmax(-1)
                     kl_before = kl_logps.detach() if kl_before is None else kl_before
                     kl = (kl_logps.exp() * (kl_logps - kl_before)).sum()  # KL(now || before)
-                    loss = nll + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() / h.norm() ** 2
+                    loss = target + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() / h.norm() ** 2
                     losses.append(loss.item())
-                    if losses[-1] < cfg.v_stop_loss or step == cfg.v_num_grad_steps - 1:
+                    stop = held if cfg.v_objective == "kdpo" else losses[-1] < cfg.v_stop_loss
+                    if stop or step == cfg.v_num_grad_steps - 1:
                         break
                     delta.grad, = torch.autograd.grad(loss, [delta])  # no gradient into the model's weights
                     optimizer.step()

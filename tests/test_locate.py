@@ -5,6 +5,7 @@ The agreement with the official AlphaEdit code on SmolLM2 is checked by bench/al
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 
 import pytest
@@ -302,3 +303,36 @@ def test_bad_input_is_refused(bpe_tokenizer) -> None:
     editor = LocateThenEdit(model, bpe_tokenizer, "memit", TINY, covs)
     with pytest.raises(ValueError, match="does not occur"):
         editor.edit([EditRequest(prompt="Who wrote it?", target_new="mother", subject="Nobody")])
+
+
+def test_kdpo_target_value_starts_at_log_2_and_stops_once_y_w_is_the_argmax(bpe_tokenizer) -> None:
+    """`v_objective: kdpo`: at delta = 0 the policy is its reference, so the loss is log 2 (no KL, no decay);
+    the search stops at a regeneration where y_w is the teacher-forced argmax, read here from a plain forward
+    whose edited layer outputs z at the subject's last token; the NLL objective goes on from there."""
+    model = tiny()
+    config = dataclasses.replace(TINY, v_num_grad_steps=60, v_lr=0.5, v_objective="kdpo", v_cycle_steps=4)
+    editor = LocateThenEdit(model, bpe_tokenizer, "memit", config, covariances(model, bpe_tokenizer, [1]))
+    request = requests(1)[0]
+    fact = _fact(bpe_tokenizer, request)
+    z, losses = editor._target_value(fact)
+    subject_end = len(bpe_tokenizer(request.prompt)["input_ids"]) - 1
+
+    def write_z(module, args, output):
+        output = output.clone()
+        output[0, subject_end] = z
+        return output
+
+    ids = torch.tensor([fact.input_ids])
+    handle = model.model.layers[1].register_forward_hook(write_z)
+    try:
+        argmax = target_rows(model, len(fact.y_w), input_ids=ids)[0].argmax(-1)
+    finally:
+        handle.remove()
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert 1 < len(losses) < 60 and (len(losses) - 1) % 4 == 0  # stopped at a regeneration, before the budget
+    assert argmax.tolist() == list(fact.y_w)
+    _, nll_losses = LocateThenEdit(model, bpe_tokenizer, "memit", dataclasses.replace(config, v_objective="nll"),
+                                   covariances(model, bpe_tokenizer, [1]))._target_value(fact)
+    assert len(nll_losses) > len(losses)
+    with pytest.raises(ValueError, match="v_objective"):
+        LocateConfig(v_objective="dpo")
