@@ -167,11 +167,10 @@ def test_first_target_loss_is_the_nll_of_y_w_read_at_the_loss_layer(bpe_tokenize
         assert record.losses == [pytest.approx(expected.item(), rel=1e-5)] and record.steps == 0
 
 
-def test_last_target_loss_is_the_nll_of_a_full_forward_with_z_written_in(bpe_tokenizer) -> None:
-    """The target-value steps replay the layers below the edited one; the last loss must still be the NLL of
-    y_w from a plain forward whose edited layer outputs z at the subject's last token (no KL, no decay)."""
+def target_value_and_rows(bpe_tokenizer, config: LocateConfig):
+    """z and the losses of the first request's target value on a tiny model, and the rows over y_w of a plain
+    forward whose edited layer (1) outputs z at the subject's last token."""
     model = tiny()
-    config = dataclasses.replace(TINY, v_num_grad_steps=6, v_weight_decay=0.0, kl_factor=0.0, v_stop_loss=0.0)
     editor = LocateThenEdit(model, bpe_tokenizer, "memit", config, covariances(model, bpe_tokenizer, [1]))
     request = requests(1)[0]
     fact = _fact(bpe_tokenizer, request)
@@ -183,12 +182,20 @@ def test_last_target_loss_is_the_nll_of_a_full_forward_with_z_written_in(bpe_tok
         output[0, subject_end] = z
         return output
 
-    ids = torch.tensor([fact.input_ids])
     handle = model.model.layers[1].register_forward_hook(write_z)
     try:
-        expected = ftm_loss(target_rows(model, len(fact.y_w), input_ids=ids)[0], ids[0, fact.target_start:])
+        rows = target_rows(model, len(fact.y_w), input_ids=torch.tensor([fact.input_ids]))[0]
     finally:
         handle.remove()
+    return fact, losses, rows
+
+
+def test_last_target_loss_is_the_nll_of_a_full_forward_with_z_written_in(bpe_tokenizer) -> None:
+    """The target-value steps replay the layers below the edited one; the last loss must still be the NLL of
+    y_w from a plain forward whose edited layer outputs z at the subject's last token (no KL, no decay)."""
+    config = dataclasses.replace(TINY, v_num_grad_steps=6, v_weight_decay=0.0, kl_factor=0.0, v_stop_loss=0.0)
+    fact, losses, rows = target_value_and_rows(bpe_tokenizer, config)
+    expected = ftm_loss(rows, torch.tensor(fact.y_w))
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert losses[-1] == pytest.approx(expected.item(), rel=1e-5)
 
@@ -309,30 +316,13 @@ def test_kdpo_target_value_starts_at_log_2_and_stops_once_y_w_is_the_argmax(bpe_
     """`v_objective: kdpo`: at delta = 0 the policy is its reference, so the loss is log 2 (no KL, no decay);
     the search stops at a regeneration where y_w is the teacher-forced argmax, read here from a plain forward
     whose edited layer outputs z at the subject's last token; the NLL objective goes on from there."""
-    model = tiny()
     config = dataclasses.replace(TINY, v_num_grad_steps=60, v_lr=0.5, v_objective="kdpo", v_cycle_steps=4)
-    editor = LocateThenEdit(model, bpe_tokenizer, "memit", config, covariances(model, bpe_tokenizer, [1]))
-    request = requests(1)[0]
-    fact = _fact(bpe_tokenizer, request)
-    z, losses = editor._target_value(fact)
-    subject_end = len(bpe_tokenizer(request.prompt)["input_ids"]) - 1
-
-    def write_z(module, args, output):
-        output = output.clone()
-        output[0, subject_end] = z
-        return output
-
-    ids = torch.tensor([fact.input_ids])
-    handle = model.model.layers[1].register_forward_hook(write_z)
-    try:
-        argmax = target_rows(model, len(fact.y_w), input_ids=ids)[0].argmax(-1)
-    finally:
-        handle.remove()
+    fact, losses, rows = target_value_and_rows(bpe_tokenizer, config)
+    argmax = rows.argmax(-1)
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
     assert 1 < len(losses) < 60 and (len(losses) - 1) % 4 == 0  # stopped at a regeneration, before the budget
     assert argmax.tolist() == list(fact.y_w)
-    _, nll_losses = LocateThenEdit(model, bpe_tokenizer, "memit", dataclasses.replace(config, v_objective="nll"),
-                                   covariances(model, bpe_tokenizer, [1]))._target_value(fact)
+    _, nll_losses, _ = target_value_and_rows(bpe_tokenizer, dataclasses.replace(config, v_objective="nll"))
     assert len(nll_losses) > len(losses)
     with pytest.raises(ValueError, match="v_objective"):
         LocateConfig(v_objective="dpo")
