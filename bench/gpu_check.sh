@@ -147,7 +147,7 @@ quality() {
   wait
   collect
   tail -n 3 runs/quality/*/output.log runs/lifelong/*/output.log > "$OUT/run_tails.log" 2>&1
-  cat "$OUT"/quality.log "$OUT/lifelong.log" 2>/dev/null | grep -E "done in|FAILED|deadline|^\|" | head -60
+  cat "$OUT/quality.log" "$OUT/lifelong.log" 2>/dev/null | grep -E "done in|FAILED|deadline|^\|" | head -60
 }
 
 mkdir -p "$OUT"

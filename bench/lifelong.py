@@ -73,7 +73,7 @@ METHODS = {  # name: overrides of configs/demo.yaml; a new variant is one more l
     "kdpo_replay3_editnull": REPLAY3 + EDIT_NULL,
     "kdpo_keyspan": KEY_SPAN,  # each update within the span of the edit's own keys
     "kdpo_replay3_keyspan": REPLAY3 + KEY_SPAN,
-    "alphaedit_kdpo": quality.METHODS["alphaedit"] + ["--model.locate.v_objective", "kdpo"],  # KDPO's z, AlphaEdit's write
+    "alphaedit_kdpo": quality.METHODS["alphaedit"] + ["--model.locate.v_objective", "kdpo"],  # KDPO's z, closed form
 }
 BASELINES = ("ftm", "kdpo", "alphaedit")
 CAPABILITY = ["--retention.capability", "[mmlu, hellaswag]", "--retention.capability_n", "200"]

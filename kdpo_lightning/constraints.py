@@ -1,5 +1,6 @@
-"""Constraints on the trained tensors, applied after every optimizer step, against forgetting in
-long edit sequences (the objective's other variant, the NLL anchor, is in `objective.py`).
+"""Constraints on the trained tensors against forgetting in long edit sequences: each is shown an edit's
+sequences at its start (`begin_edit`) and applied after every optimizer step (`apply`). The objective's
+other variant, the NLL anchor, is in `objective.py`.
 
 - `NullSpace` (AlphaEdit, Fang et al. 2025): each step's update dW is replaced by dW P, P the
   projector onto the null space of the keys (inputs of the trained projection) of preserved text
@@ -32,6 +33,9 @@ class NormBound:
             raise ValueError(f"max_change must be positive, got {max_ratio}")
         self.max_ratio = max_ratio
         self.original = {name: p.detach().clone() for name, p in params.items()}
+
+    def begin_edit(self, sequences: Sequence[Tensor]) -> None:
+        """The bound is on the change since the first edit: nothing to read per edit."""
 
     def apply(self, name: str, value: Tensor, previous: Tensor) -> None:
         value.copy_(bound_change(value, self.original[name].to(value.device), self.max_ratio))
@@ -124,6 +128,9 @@ class NullSpace:
         covariance = self.preserved[name] + (self.edited[name] / self.n_edits if self.n_edits else 0)
         self.projectors[name] = null_space_projector(covariance, self.threshold)
 
+    def begin_edit(self, sequences: Sequence[Tensor]) -> None:
+        """The projectors change when an edit is done (`add_edit`), not when one starts."""
+
     def apply(self, name: str, value: Tensor, previous: Tensor) -> None:
         delta, P = value - previous, self.projectors[name].to(value.device)
         value.copy_(previous + (P @ delta if self.layout[name] else delta @ P))
@@ -163,7 +170,7 @@ class KeySpan:
 
     def apply(self, name: str, value: Tensor, previous: Tensor) -> None:
         if name not in self.bases:
-            raise RuntimeError("KeySpan.begin_edit was not called for this edit (Policy.begin_edit passes the edit's ids)")
+            raise RuntimeError("KeySpan.begin_edit was not called for this edit (Policy.begin_edit passes its ids)")
         delta, Q = value - previous, self.bases[name].to(value.device)
         value.copy_(previous + (Q @ (Q.T @ delta) if self.layout[name] else (delta @ Q) @ Q.T))
 

@@ -383,8 +383,8 @@ class Policy:
 
     def begin_edit(self, sequences: Sequence[Tensor] = ()) -> None:
         """Start an edit: bring the fp32 masters to the model's current tensors (on their device),
-        route gradients into them, forget cached prefixes, and show the constraints that read an edit's
-        inputs (`constraints.KeySpan`) its `sequences` ((1, T) ids each: c+y_w, then its replays')."""
+        route gradients into them, forget cached prefixes, and show the constraints the edit's `sequences`
+        ((1, T) ids each: c+y_w, then its replays'; `constraints.KeySpan` reads their keys)."""
         if self._closed:
             raise RuntimeError("this Policy is closed; make a new one to edit the model again")
         frozen = [name for name, param in self.model_params.items() if not param.requires_grad]
@@ -397,8 +397,7 @@ class Policy:
             self._prefix.clear()
         if self.constraints:
             for constraint in self.constraints:
-                if hasattr(constraint, "begin_edit"):
-                    constraint.begin_edit(sequences)
+                constraint.begin_edit(sequences)
             self._previous = self.original_values()
 
     def end_edit(self) -> None:

@@ -10,6 +10,7 @@ from kdpo_lightning.module import KDPOEditor
 from kdpo_lightning.objective import span_basis
 
 PROMPT, TARGET = "Which family does Epaspidoceras belong to?", "Noctuidae"
+FIRST = EditRequest(PROMPT, TARGET, "Epaspidoceras")
 SECOND = EditRequest("What voice type is Louise Grandjean?", "soprano", "Louise Grandjean")
 
 
@@ -44,7 +45,7 @@ def _edit(arch: str, bpe_tokenizer, dtype=torch.float32, **hparams):
     editor = KDPOEditor.from_model(tiny_model(arch).to(dtype), bpe_tokenizer, lr=1e-3, **hparams)
     (name,) = editor.policy.params
     before = editor.policy.original_values()[name]
-    record = editor.edit(EditRequest(PROMPT, TARGET, "Epaspidoceras"))
+    record = editor.edit(FIRST)
     return editor, name, record, editor.policy.params[name].detach() - before
 
 
@@ -55,7 +56,8 @@ def test_key_span_edit_is_the_unconstrained_edit_projected_onto_its_keys(bpe_tok
     _, _, free, free_delta = _edit(arch, bpe_tokenizer)
     editor, name, spanned, delta = _edit(arch, bpe_tokenizer, key_span=True)
     assert isinstance(editor.policy.constraints[0], KeySpan)
-    assert free.steps >= 8 and (spanned.steps, spanned.cycles, spanned.success) == (free.steps, free.cycles, free.success)
+    assert free.steps >= 8
+    assert (spanned.steps, spanned.cycles, spanned.success) == (free.steps, free.cycles, free.success)
     torch.testing.assert_close(torch.tensor(spanned.losses), torch.tensor(free.losses), rtol=1e-4, atol=1e-6)
     keys = _keys(tiny_model(arch), name, encode(bpe_tokenizer, PROMPT, TARGET).input_ids)  # untrained: same keys
     conv1d = arch == "gpt2"
@@ -74,7 +76,7 @@ def test_key_span_with_a_replay_stays_in_the_span_of_the_edit_and_its_replay(bpe
     second = editor.edit(SECOND)
     delta = editor.policy.params[name].detach() - before
     assert second.replays == 1 and second.steps > 0
-    ids = [encode(bpe_tokenizer, PROMPT, TARGET).input_ids, encode(bpe_tokenizer, SECOND.prompt, SECOND.target_new).input_ids]
+    ids = [encode(bpe_tokenizer, r.prompt, r.target_new).input_ids for r in (FIRST, SECOND)]
     model = tiny_model("llama").to(dtype)
     both, own = _keys(model, name, *ids), _keys(model, name, ids[1])
     scale = float(delta.abs().max())
