@@ -59,6 +59,9 @@ class EditConfig:
     replay: int = 0
     """Earlier edits each sequential edit rehearses (sampled; the loss of each that does not hold is added
     to the step's), so they are kept rather than overwritten; 0 is the paper's recipe. kdpo and ftm."""
+    replay_pool: int = 0
+    """More than `replay`: draw this many earlier edits and rehearse `replay` of them, those the model has
+    forgotten (teacher-forced argmax != y_w, one batched forward) first; 0 draws `replay` at random."""
     cuda_graphs: bool = True
     """On a GPU, capture an edit's step once and replay it (`graphs.py`): the same arithmetic without the
     launch overhead. kdpo and ftm without replays or constraints; elsewhere, and on CPU, steps run eagerly."""
@@ -76,6 +79,9 @@ class EditConfig:
             raise ValueError(f"nll_alpha must be 0 or more, got {self.nll_alpha}")
         if self.replay < 0:
             raise ValueError(f"replay must be 0 or more, got {self.replay}")
+        if self.replay_pool and not self.replay_pool > self.replay > 0:
+            raise ValueError(f"replay_pool chooses `replay` earlier edits among more: it must exceed replay (> 0), got "
+                             f"replay_pool {self.replay_pool} and replay {self.replay}")
         if self.replay and self.method not in REPLAY_METHODS:
             raise ValueError(f"replay works with methods {REPLAY_METHODS}, not {self.method!r}")
         if self.chat_template and self.method not in GRADIENT_METHODS:

@@ -219,7 +219,7 @@ class KDPOEditor(L.LightningModule):
         if self.config.train_stop:  # y_w and then the stop token: the model learns to end its answer there
             input_ids = torch.cat([input_ids, input_ids.new_tensor([[self.tokenizer.eos_token_id]])], dim=1)
         sequential = self._original is None
-        replays = self.rehearsal.sample(self.config.replay, input_ids.device) if sequential else []
+        replays = self.rehearsal.sample(self.config.replay, input_ids.device, self.config.replay_pool, self.policy)
         before = self.policy.original_values()
         try:
             record = run_edit(self.policy, self.reference, input_ids, target_start, self.config, optimizer, backward,

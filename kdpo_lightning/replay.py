@@ -1,6 +1,7 @@
 """Replay for long edit sequences: each edit also rehearses k earlier edits, so they are kept, not overwritten.
 
-`Rehearsal` remembers the edits of a sequence and samples the ones the next edit rehearses. `EditBatch`
+`Rehearsal` remembers the edits of a sequence and samples the ones the next edit rehearses (at random, or
+the forgotten first among a random pool). `EditBatch`
 puts an edit's c+y_w and its replays' into one left-padded batch: every row's target ends at the last
 position, so one forward's last n rows (n the longest target) hold every row's target rows.
 """
@@ -14,6 +15,8 @@ import torch
 from torch import Tensor
 
 from .generation import left_pad
+from .objective import teacher_forced_argmax
+from .policy import Policy
 
 Replay = tuple[Tensor, int]
 """An earlier edit: its c+y_w (1, T) and where y_w starts."""
@@ -41,14 +44,22 @@ class Rehearsal:
         _check(input_ids, target_start)
         self.edits.append((input_ids[0].tolist(), int(target_start)))
 
-    def sample(self, k: int, device: torch.device | str | None = None) -> list[Replay]:
+    def sample(self, k: int, device: torch.device | str | None = None, pool: int = 0,
+               policy: Policy | None = None) -> list[Replay]:
         """k of the edits made so far (all, if fewer), for the next edit: the same k for the same seed
-        and position in the sequence, however often it is asked (a resumed run draws what it would have)."""
-        if k < 0:
-            raise ValueError(f"the number of replays must be 0 or more, got {k}")
+        and position in the sequence, however often it is asked (a resumed run draws what it would have).
+        With `pool` > k, `pool` are drawn and the k taken are those `policy` has forgotten, then the others."""
+        if k < 0 or pool < 0:
+            raise ValueError(f"the number of replays and the pool must be 0 or more, got {k} and {pool}")
         rng = random.Random(f"{self.seed}/{len(self.edits)}")
-        chosen = rng.sample(range(len(self.edits)), min(k, len(self.edits)))
-        return [(torch.tensor([self.edits[i][0]], device=device), self.edits[i][1]) for i in chosen]
+        chosen = rng.sample(range(len(self.edits)), min(max(k, pool), len(self.edits)))
+        replays = [(torch.tensor([self.edits[i][0]], device=device), self.edits[i][1]) for i in chosen]
+        if len(replays) <= k:
+            return replays
+        if policy is None:
+            raise ValueError("choosing replays from a pool needs the policy, to find the edits it no longer gives")
+        held = replays_held(policy, replays)
+        return ([r for r, h in zip(replays, held) if not h] + [r for r, h in zip(replays, held) if h])[:k]
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "edits": [[ids, start] for ids, start in self.edits]}
@@ -104,3 +115,11 @@ class EditBatch:
         shorter = torch.tensor([n - length for length in self.lengths], device=y_l.device)
         own = torch.arange(n, device=y_l.device) >= shorter[:, None]
         return ((y_l == self.input_ids[:, -n:]) | ~own).all(-1).tolist()
+
+
+def replays_held(policy: Policy, replays: Sequence[Replay]) -> list[bool]:
+    """Per earlier edit, whether the policy's teacher-forced argmax still gives its y_w: one batched forward."""
+    batch = EditBatch.of(*replays[0], replays[1:])
+    with torch.no_grad():
+        rows = policy.rows(batch.input_ids, batch.n, **batch.padding)
+    return batch.held(teacher_forced_argmax(rows))

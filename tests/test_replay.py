@@ -12,7 +12,9 @@ from kdpo_lightning.data import encode
 from kdpo_lightning.loop import EditConfig, greedy_continuation, run_edit
 from kdpo_lightning.policy import Policy, find_layers, target_rows
 from kdpo_lightning.reference import make_reference
-from kdpo_lightning.replay import EditBatch, Rehearsal
+from kdpo_lightning import module as editor_module
+from kdpo_lightning.module import KDPOEditor
+from kdpo_lightning.replay import EditBatch, Rehearsal, replays_held
 
 DTYPES = [torch.float32, torch.bfloat16]
 RECORDS = json.loads(DEMO_ZSRE.read_text())
@@ -215,11 +217,56 @@ def test_rehearsal_samples_earlier_edits_reproducibly_and_checkpoints_as_data(bp
         rehearsal.sample(-1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_pool_rehearses_the_edits_the_model_has_forgotten_first(bpe_tokenizer, dtype):
+    """`replay_pool`: of 6 earlier edits (3 the model gives, 3 it does not, each checked by a forward of
+    it alone), k = 2 taken from a pool of all 6 are both forgotten ones; k = 4 takes the 3 and one kept."""
+    model = tiny_model("llama").to(dtype)
+    kept_edits = [_held_request(model, bpe_tokenizer, i) for i in range(3)]
+    lost_edits = [_request(bpe_tokenizer, i) for i in range(3, 6)]
+    assert all(_holds(model, *e) for e in kept_edits) and not any(_holds(model, *e) for e in lost_edits)
+    rehearsal, policy = Rehearsal(seed=3), Policy(model)
+    for ids, start in [kept_edits[0], lost_edits[0], kept_edits[1], lost_edits[1], kept_edits[2], lost_edits[2]]:
+        rehearsal.add(ids, start)
+    lost = {tuple(ids[0].tolist()) for ids, _ in lost_edits}
+    pool = rehearsal.sample(6, pool=0)
+    assert replays_held(policy, pool) == [_holds(model, *e) for e in pool]  # batched = each alone
+    two = rehearsal.sample(2, pool=6, policy=policy)
+    assert len(two) == 2 and all(tuple(ids[0].tolist()) in lost for ids, _ in two)
+    four = [tuple(ids[0].tolist()) for ids, _ in rehearsal.sample(4, pool=6, policy=policy)]
+    assert set(four[:3]) == lost and four[3] not in lost
+    assert [ids.tolist() for ids, _ in rehearsal.sample(2, pool=6, policy=policy)] == [ids.tolist() for ids, _ in two]
+    assert len(rehearsal.sample(2, pool=2)) == 2  # nothing to choose from: no forward, no policy needed
+    with pytest.raises(ValueError, match="needs the policy"):
+        rehearsal.sample(2, pool=6)
+
+
+def test_the_editor_rehearses_a_forgotten_edit_from_its_pool(bpe_tokenizer, monkeypatch):
+    """`model.edit.replay_pool` wired through KDPOEditor: after 5 edits, the 6th rehearses one the model no
+    longer gives, found by forwards of each earlier edit alone (the bare sampler picks a kept one here)."""
+    editor = KDPOEditor.from_model(tiny_model("llama"), bpe_tokenizer, lr=1e-2, n_cycles=30, n_steps=4,
+                                   replay=1, replay_pool=5)
+    seen = []
+    run_edit_ = editor_module.run_edit
+    monkeypatch.setattr(editor_module, "run_edit", lambda *args: seen.append(args[-1]) or run_edit_(*args))
+    edits = [_request(bpe_tokenizer, i) for i in range(6)]
+    for ids, start in edits[:5]:
+        editor._edit(ids, start, torch.optim.Adam(editor.policy.params.values(), lr=1e-2), torch.Tensor.backward)
+    lost = [tuple(ids[0].tolist()) for ids, start in edits[:5] if not _holds(editor.lm, ids, start)]
+    assert lost and len(lost) < 5
+    editor._edit(*edits[5], torch.optim.Adam(editor.policy.params.values(), lr=1e-2), torch.Tensor.backward)
+    assert [len(r) for r in seen] == [0, 1, 1, 1, 1, 1] and tuple(seen[-1][0][0][0].tolist()) in lost
+    editor.close()
+
+
 def test_bad_replay_settings_say_so(bpe_tokenizer):
     with pytest.raises(ValueError, match="replay must be 0 or more"):
         EditConfig(replay=-1)
     with pytest.raises(ValueError, match="replay works with methods"):
         EditConfig(method="dpo", replay=2)
+    for replay, pool in ((0, 4), (3, 3)):
+        with pytest.raises(ValueError, match="replay_pool chooses"):
+            EditConfig(replay=replay, replay_pool=pool)
     ids, start = _request(bpe_tokenizer, 0)
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="replay works with methods"):
