@@ -69,6 +69,7 @@ METHODS = {  # name: overrides of configs/demo.yaml; a new variant is one more l
     "kdpo_replay3": REPLAY3,
     "kdpo_replay8": ["--model.edit.replay", "8"],
     "kdpo_replay3_pool20": REPLAY3 + ["--model.edit.replay_pool", "20"],  # the 3 chosen among 20: forgotten first
+    "kdpo_replay5_pool50": ["--model.edit.replay", "5", "--model.edit.replay_pool", "50"],
     "kdpo_editnull": EDIT_NULL,  # the null space of earlier edits' keys only, no generic text
     "kdpo_layers": ["--model.target.trainable", r"[model\.layers\.(16|17|18|19|20)\.mlp\.down_proj\.weight]"],
     "kdpo_replay3_editnull": REPLAY3 + EDIT_NULL,
