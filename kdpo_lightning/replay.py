@@ -1,9 +1,9 @@
 """Replay for long edit sequences: each edit also rehearses k earlier edits, so they are kept, not overwritten.
 
 `Rehearsal` remembers the edits of a sequence and samples the ones the next edit rehearses (at random, or
-the forgotten first among a random pool). `EditBatch`
-puts an edit's c+y_w and its replays' into one left-padded batch: every row's target ends at the last
-position, so one forward's last n rows (n the longest target) hold every row's target rows.
+the forgotten first among a random pool). `EditBatch` puts an edit's c+y_w and its replays' into one
+left-padded batch: every row's target ends at the last position, so one forward's last n rows (n the longest
+target) hold every row's target rows.
 """
 from __future__ import annotations
 
