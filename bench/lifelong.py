@@ -6,7 +6,9 @@ its checkpoint, so the matrix spans several sittings.
 Each run is `kdpo-lightning fit --config configs/demo.yaml` (the paper's protocol: 10 cycles x 8 Adam
 steps, lr 1e-4, beta 0.1, layer 20 of 30) with generated-answer metrics and, at each curve point, MMLU
 and HellaSwag (200 questions each), in its own process with one CPU thread; its output goes to
-`output.log` in its run folder.
+`output.log` in its run folder. Points before the last are light (`retention.light_points`): answers
+are generated to the edit prompts only and fluency is skipped, which halves a 500-edit run's
+evaluation on a CPU; the last point scores everything.
 
 Orderings: the same-subject-filtered ZsRE records shuffled with seed 0 (as bench/quality.py); `tune` is
 the first 200 (variants are screened there; a superset of quality.py's tuning slice), `0` and `1` are
@@ -120,7 +122,7 @@ def run(ordering: str, method: str, *, out: Path, runs: Path, n: int, every: int
         return None
     data = quality.cli_path(out / "lifelong" / "orderings" / f"{ordering}.json")
     args = ["--data.path", data, "--data.n_edits", str(n), "--evaluation.generation", "true",
-            "--retention.every_n_edits", str(every), *CAPABILITY, *METHODS[method], *forwarded]
+            "--retention.every_n_edits", str(every), "--retention.light_points", "true", *CAPABILITY, *METHODS[method], *forwarded]
     return quality.fit(f"{ordering}_{method}", args, runs / f"{ordering}_{method}", result, threads)
 
 

@@ -150,22 +150,25 @@ class RetentionCurve(L.Callback):
     capability (multiple choice) before the first edit, on the curve and at the end."""
 
     def __init__(self, every_n_edits: int | None = None, capability: list[str] | None = None,
-                 capability_n: int = 100) -> None:
+                 capability_n: int = 100, light_points: bool = False) -> None:
         """
         Args:
             every_n_edits: evaluate the requests edited so far every K edits (sequential mode); None: no curve.
             capability: any of mmlu, hellaswag, piqa, winogrande (log-likelihood multiple choice).
             capability_n: questions per benchmark, a subset seeded by the data seed.
+            light_points: points before the last edit skip fluency and generate answers to the edit
+                prompts only (see `EditEvaluator.evaluate`), which makes long curves affordable on a CPU.
         """
         self.settings = {k: v for k, v in locals().items() if k != "self"}
         if every_n_edits is not None and every_n_edits < 1:
             raise ValueError(f"every_n_edits must be at least 1, got {every_n_edits}")
         self.every, self.capability_names, self.capability_n = every_n_edits, list(capability or ()), capability_n
+        self.light_points = light_points
         self.questions: dict[str, list] = {}
         self.curve: list[dict] = []
         self.right_after: dict[int, dict[str, float]] = {}
         self.capability_before: dict[str, float] = {}
-        self._latest: tuple[int, list[dict]] = (0, [])  # (edits applied, rows) of the last curve evaluation
+        self._latest: tuple[int, list[dict]] = (0, [])  # (edits applied, rows) of the last full curve point
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every is not None and _single(pl_module):
@@ -204,8 +207,10 @@ class RetentionCurve(L.Callback):
         edited = sorted(pl_module.records)
         if len(edited) % self.every:
             return
-        rows = evaluator.evaluate(pl_module.lm, edited)
-        self._latest = (len(edited), rows)
+        full = not self.light_points or len(edited) >= len(evaluator.requests)
+        rows = evaluator.evaluate(pl_module.lm, edited, full=full)
+        if full:
+            self._latest = (len(edited), rows)
         point = self.add_point(len(edited), {**evaluator.summarize(rows), **self.capability(pl_module)}, rows)
         if pl_module.logger is not None:
             scalars = {f"curve/{k}": v for k, v in point.items() if k != "edits" and isinstance(v, (int, float))}

@@ -317,6 +317,27 @@ def test_pre_edit_generated_scores_in_rows_summary_and_state(chat_tokenizer):
         EditEvaluator(chat_tokenizer, [EditRequest(PROMPT, "Rome", "A")], generation=True).evaluate(post)
 
 
+def test_a_light_evaluation_decodes_only_the_edit_prompt(chat_tokenizer):
+    """`full=False` (curve points before the last edit): one generated answer per request, the edit
+    prompt's, and no fluency text; its other scores equal the full row's."""
+    pre = Scripted(chat_tokenizer, ids(chat_tokenizer, "Paris. Yes"))
+    post = Scripted(chat_tokenizer, ids(chat_tokenizer, "Rome.\nYes"))
+    evaluator = EditEvaluator(chat_tokenizer, [EDITED], fluency=True, generation=True)
+    evaluator.snapshot_pre(pre)
+    full = evaluator.evaluate(post)[0]
+    decoded_full = len(post.prompts)
+    light = evaluator.evaluate(post, full=False)[0]
+    assert decoded_full - (len(post.prompts) - decoded_full) == 4  # the fluency text, rephrase, portability, locality
+    skipped = {"fluency", *(f"{pre}gen_{field}" for pre in ("", "pre_") for field in
+                            ("rephrase_em", "rephrase_contains", "portability_em", "portability_contains", "locality"))}
+    assert full["fluency"] is not None and full["gen_rephrase_em"] == 1.0 and full["gen_locality"] == 0.0
+    assert {k: v for k, v in light.items() if k not in skipped} == {k: v for k, v in full.items() if k not in skipped}
+    assert all(light[k] is None for k in skipped)
+    assert light["gen_edit_success_em"] == 1.0 and light["pre_gen_edit_success_em"] == 0.0
+    summary = evaluator.summarize([light])
+    assert "gen_rephrase_em" not in summary and summary["gen_edit_success_contains"] == 100.0
+
+
 def test_encode_through_the_chat_template(chat_tokenizer, bpe_tokenizer, tmp_path):
     """edit.chat_template: c+y_w is the prompt as one user turn, then the target as the assistant's answer; the
     data module encodes its edits so too, and refuses a tokenizer without a template."""

@@ -89,3 +89,20 @@ def test_resumed_run_keeps_the_curve(tiny_llama_dir, tmp_path):
 def test_retention_needs_sequential_mode(tiny_llama_dir, tmp_path, capsys):
     assert main(_args(tiny_llama_dir, tmp_path, "--model.edit_mode", "single")) == 2
     assert "every_n_edits follows a sequence of edits" in capsys.readouterr().err
+
+
+def test_light_points_decode_less_and_end_like_full_ones(tiny_llama_dir, tmp_path):
+    """`retention.light_points`: the point before the last edit has only the edit prompts' generated scores,
+    its others equal the full run's; the last point and the results are the full run's."""
+    full, light = tmp_path / "full", tmp_path / "light"
+    assert main(_args(tiny_llama_dir, full)) == 0
+    assert main(_args(tiny_llama_dir, light, "--retention.light_points", "true")) == 0
+    a, b = (json.loads((d / "results.json").read_text()) for d in (full, light))
+    dropped = set(a["curve"][0]) - set(b["curve"][0])
+    assert {"gen_rephrase_em", "gen_locality", "pre_gen_portability_contains"} <= dropped
+    assert all("gen_" in key and "edit_success" not in key for key in dropped)
+    assert {k: v for k, v in a["curve"][0].items() if k not in dropped} == b["curve"][0]
+    assert a["curve"][1] == b["curve"][1]
+    untimed = [[{k: v for k, v in row.items() if "seconds" not in k} for row in (r["summary"], *r["requests"])]
+               for r in (a, b)]
+    assert untimed[0] == untimed[1]
