@@ -19,7 +19,9 @@ seeded samples (seeds 1 and 2) of 500 from the rest.
     python bench/lifelong.py --methods kdpo_replay3 --best kdpo_replay3                   # the best, and the verdict
     python bench/lifelong.py --table --best kdpo_replay3               # only the table, verdict and plot
 
-Runs write bench/results/lifelong/<ordering>_<method>.json (checkpoints in runs/lifelong/); the table,
+Runs write bench/results/lifelong/<ordering>_<method>.json. A run's checkpoint (its trained tensor, records
+and RNG: a few MB) is kept in bench/results/lifelong/checkpoints/ until it ends, so that committing it
+carries an unfinished run into the next sitting; its log is in runs/lifelong/. The table,
 the verdict and their numbers go to bench/results/lifelong.json (lifelong_tune.json for the tuning
 ordering), the plot to bench/results/lifelong.png. The table is the state after the last edit (the last
 curve point); Locality is the mean of the requests' `locality_mean`, as in bench/quality.py.
@@ -33,6 +35,7 @@ import argparse
 import functools
 import json
 import random
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -123,7 +126,11 @@ def run(ordering: str, method: str, *, out: Path, runs: Path, n: int, every: int
     data = quality.cli_path(out / "lifelong" / "orderings" / f"{ordering}.json")
     args = ["--data.path", data, "--data.n_edits", str(n), "--evaluation.generation", "true",
             "--retention.every_n_edits", str(every), "--retention.light_points", "true", *CAPABILITY, *METHODS[method], *forwarded]
-    return quality.fit(f"{ordering}_{method}", args, runs / f"{ordering}_{method}", result, threads)
+    checkpoints = out / "lifelong" / "checkpoints" / f"{ordering}_{method}"
+    failed = quality.fit(f"{ordering}_{method}", args, runs / f"{ordering}_{method}", result, threads, checkpoints)
+    if not failed:
+        shutil.rmtree(checkpoints)  # the results are the record now
+    return failed
 
 
 def load(out: Path, names: list[str]) -> dict[str, Runs]:

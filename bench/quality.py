@@ -109,13 +109,16 @@ def cli_path(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def fit(name: str, args: list[str], run_dir: Path, result: Path, threads: int) -> str | None:
+def fit(name: str, args: list[str], run_dir: Path, result: Path, threads: int,
+        checkpoints: Path | None = None) -> str | None:
     """`kdpo-lightning fit` on configs/demo.yaml plus `args`, in its own process, its output in
-    run_dir/output.log, checkpoints every 10 edits and resumed from the last. Returns None, or what went wrong."""
+    run_dir/output.log, checkpoints every 10 edits (in `checkpoints`, default run_dir/checkpoints) and resumed
+    from the last. Returns None, or what went wrong."""
+    checkpoints = checkpoints or run_dir / "checkpoints"
     cmd = [sys.executable, "-m", "kdpo_lightning.cli", "fit", "--config", "configs/demo.yaml", *args,
-           "--trainer.default_root_dir", cli_path(run_dir), "--checkpoint.every_n_edits", "10",
-           "--results.path", cli_path(result)]
-    if (run_dir / "checkpoints" / "last.ckpt").exists():
+           "--trainer.default_root_dir", cli_path(run_dir), "--checkpoint.dirpath", cli_path(checkpoints),
+           "--checkpoint.every_n_edits", "10", "--results.path", cli_path(result)]
+    if (checkpoints / "last.ckpt").exists():
         cmd += ["--ckpt_path", "last"]
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "output.log"
