@@ -85,7 +85,7 @@ def load_questions(name: str, n: int | None = None, seed: int = 0) -> list[Quest
 
 @torch.no_grad()
 def loglikelihoods(model: torch.nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
-                   batch_size: int = 16) -> list[float]:
+                   batch_size: int = 16, progress: str | None = None) -> list[float]:
     """Summed log p(continuation | context) per pair. The continuation's tokens are those of
     context + continuation after the context's own tokens, as in the harness. Each distinct input
     (the tokens but the last) runs once: MMLU's four one-token answers share one forward, and only
@@ -99,7 +99,7 @@ def loglikelihoods(model: torch.nn.Module, tokenizer, pairs: Sequence[tuple[str,
         need[tuple(row[:-1])] = max(need.get(tuple(row[:-1]), 0), n)
     inputs, logps = list(need), {}
     pad, device = pad_token_id(tokenizer), model_device(model)
-    for batch in by_length([len(x) for x in inputs], batch_size):
+    for batch in by_length([len(x) for x in inputs], batch_size, progress):
         ids, mask, positions = left_pad([inputs[j] for j in batch], pad, device)
         keep = max(need[inputs[j]] for j in batch)  # rows end together: the last `keep` positions
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
@@ -117,7 +117,7 @@ def score(model: torch.nn.Module, tokenizer, name: str, questions: Sequence[Ques
           batch_size: int = 16) -> dict[str, float]:
     """{"acc"} (and {"acc_norm"} for HellaSwag and PIQA) x100 over `questions`."""
     pairs = [(c, k) for q in questions for c, k in zip(q.contexts, q.continuations)]
-    lls = iter(loglikelihoods(model, tokenizer, pairs, batch_size))
+    lls = iter(loglikelihoods(model, tokenizer, pairs, batch_size, progress=name))
     acc = norm = 0
     for q in questions:
         scores = [next(lls) for _ in q.continuations]

@@ -131,7 +131,7 @@ class EditEvaluator:
         pairs = [self._locality_pairs(i) for i in range(len(self.requests))]
         with _eval_mode(model):
             flat = teacher_forced_argmax(model, self.tokenizer, [p for ps in pairs for p in ps], self.batch_size)
-            answers = iter(self._answers(model, [p for jobs in self._jobs for _, _, p, _ in jobs])
+            answers = iter(self._answers(model, [p for jobs in self._jobs for _, _, p, _ in jobs], "pre-edit answers")
                            if self.generation else ())
         preds = iter(pred.tolist() for pred, _ in flat)
         self.pre_locality = [[next(preds) for _ in ps] for ps in pairs]
@@ -181,7 +181,7 @@ class EditEvaluator:
             preds = teacher_forced_argmax(model, self.tokenizer, pairs, self.batch_size)
             texts = self._generate(model, indices) if self.fluency and full else [None] * len(indices)
             decoded = [p for p, _ in pairs] if full else [self.requests[i].prompt for i in indices]
-            answers = iter(self._answers(model, decoded) if self.generation else ())
+            answers = iter(self._answers(model, decoded, "answers") if self.generation else ())
         refs = self._references(indices, preds)
         scores = iter(token_accuracy(*_pad_pairs([p for p, _ in preds], refs)).tolist())
         rows = []
@@ -209,9 +209,9 @@ class EditEvaluator:
                  "gen_edit_success_contains": contains(answer, self.requests[i].target_new)}
                 for i, answer in zip(indices, answers)]
 
-    def _answers(self, model: torch.nn.Module, prompts: Sequence[str]) -> list[str]:
+    def _answers(self, model: torch.nn.Module, prompts: Sequence[str], progress: str | None = None) -> list[str]:
         return greedy_answers(model, self.tokenizer, prompts, self.generation_max_tokens, self.batch_size,
-                              chat_template=self.chat_template)
+                              chat_template=self.chat_template, progress=progress)
 
     def _generation_row(self, index: int, answers: Sequence[str]) -> dict:
         """Generated-answer scores of one request's first ``len(answers)`` prompts, each ``gen_*`` key followed
@@ -250,7 +250,7 @@ class EditEvaluator:
         generator = torch.Generator(device=model_device(model)).manual_seed(self.seed)
         return generate_texts(model, self.tokenizer, [self.requests[i].prompt for i in indices],
                               max_new_tokens=self.max_new_tokens, sampling=self.fluency_sampling,
-                              generator=generator, batch_size=self.batch_size)
+                              generator=generator, batch_size=self.batch_size, progress="fluency")
 
     def _row(self, index: int, scored: list[tuple[tuple, float]], text: str | None) -> dict:
         by_field: dict[str, dict[str, list[float]]] = {"portability": {}, "locality": {}}

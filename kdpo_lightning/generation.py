@@ -14,12 +14,12 @@ from __future__ import annotations
 import re
 import string
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import takewhile
 
 import torch
-
 from torch import Tensor
+from tqdm.auto import tqdm
 
 SAMPLINGS = ("greedy", "top_k")
 
@@ -53,10 +53,12 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int,
     return ids.to(device), mask.to(device), positions.to(device)
 
 
-def by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped by similar length, to waste little compute on padding."""
+def by_length(lengths: Sequence[int], batch_size: int, progress: str | None = None) -> Iterable[list[int]]:
+    """Indices grouped by similar length, to waste little compute on padding; with `progress`, under a
+    progress bar of that name (a 500-request evaluation decodes for many minutes)."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return batches if progress is None else tqdm(batches, desc=progress, unit="batch", leave=False)
 
 
 def _next_token(logits: Tensor, sampling: str, generator: torch.Generator | None, top_k: int = 5) -> Tensor:
@@ -79,7 +81,7 @@ def _kv_cache(out) -> dict:
 @torch.no_grad()
 def generate_texts(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 100,
                    sampling: str = "greedy", generator: torch.Generator | None = None,
-                   batch_size: int = 16) -> list[str]:
+                   batch_size: int = 16, progress: str | None = None) -> list[str]:
     """Continues each prompt by ``max_new_tokens`` tokens, batched with left padding and a KV cache.
 
     EasyEdit's ``generate_fast`` samples top-5 until the *total* length (prompt + new) is 100; here
@@ -90,7 +92,7 @@ def generate_texts(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *,
     """
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     continuations = generate_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, sampling=sampling,
-                                 generator=generator, batch_size=batch_size)
+                                 generator=generator, batch_size=batch_size, progress=progress)
     texts = [tokenizer.decode(list(row) + new, skip_special_tokens=True) for row, new in zip(encoded, continuations)]
     return [unicodedata.normalize("NFKD", t).replace("\n\n", " ").replace("<|endoftext|>", "") for t in texts]
 
@@ -98,7 +100,7 @@ def generate_texts(model: torch.nn.Module, tokenizer, prompts: Sequence[str], *,
 @torch.no_grad()
 def generate_ids(model: torch.nn.Module, tokenizer, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampling: str = "greedy", generator: torch.Generator | None = None, batch_size: int = 16,
-                 stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+                 stop: Callable[[list[int]], bool] | None = None, progress: str | None = None) -> list[list[int]]:
     """New token ids after each row of prompt ids, batched with left padding and a KV cache.
 
     With `stop`, a row ends once `stop(new_ids)` is true of its new ids so far (the last one is
@@ -107,7 +109,7 @@ def generate_ids(model: torch.nn.Module, tokenizer, rows: Sequence[Sequence[int]
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     out_rows: list[list[int]] = [[] for _ in rows]
     pad_id, device = pad_token_id(tokenizer), model_device(model)
-    for batch in by_length([len(r) for r in rows], batch_size):
+    for batch in by_length([len(r) for r in rows], batch_size, progress):
         ids, mask, positions = left_pad([rows[i] for i in batch], pad_id, device)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         done = [False] * len(batch)
@@ -213,7 +215,7 @@ def prompt_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]
 
 @torch.no_grad()
 def greedy_answers(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
-                   batch_size: int = 16, chat_template: bool = False) -> list[str]:
+                   batch_size: int = 16, chat_template: bool = False, progress: str | None = None) -> list[str]:
     """Each prompt's greedy answer (:func:`first_answer` of the text before the first stop token),
     decoding each row until that answer has ended, a stop token or `max_new_tokens` new tokens."""
     stops = stop_token_ids(tokenizer)
@@ -225,5 +227,6 @@ def greedy_answers(model: torch.nn.Module, tokenizer, prompts: Sequence[str], ma
         return new[-1] in stops or first_answer(text(new))[1]
 
     rows = [prompt_ids(tokenizer, p, chat_template) for p in prompts]
-    new = generate_ids(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop)
+    new = generate_ids(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop,
+                       progress=progress)
     return [first_answer(text(ids))[0] for ids in new]

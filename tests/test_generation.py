@@ -167,6 +167,17 @@ def test_greedy_answers_equal_a_plain_loop(chat_tokenizer, chat, dtype):
     assert got == [_plain_greedy(model, chat_tokenizer, row, 6) for row in rows]
 
 
+def test_a_named_decode_shows_its_progress_and_answers_the_same(chat_tokenizer, capsys):
+    model = tiny_model("llama", vocab_size=len(chat_tokenizer))
+    prompts = ["Who is the father of Alice Aycock?", "Which river?", "What voice type is Louise Grandjean?"]
+    quiet = greedy_answers(model, chat_tokenizer, prompts, max_new_tokens=4, batch_size=2)
+    assert capsys.readouterr().err == ""
+    shown = greedy_answers(model, chat_tokenizer, prompts, max_new_tokens=4, batch_size=2, progress="answers")
+    assert shown == quiet
+    err = capsys.readouterr().err
+    assert "answers:" in err and "0/2 [" in err  # 3 prompts in 2 batches; the bar is cleared when done
+
+
 class Bigram(torch.nn.Module):
     """A causal LM whose next-token logits depend only on the current token: `table[token]`."""
 
