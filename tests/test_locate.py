@@ -223,6 +223,46 @@ def test_keys_average_the_bare_prompt_with_the_generated_templates(bpe_tokenizer
     torch.testing.assert_close(got, torch.stack(expected, dim=1), rtol=1e-5, atol=1e-6)
 
 
+def test_last_loss_adds_the_kl_of_the_subject_prompt_with_the_delta_written_in(bpe_tokenizer) -> None:
+    """With a KL term, the last loss is the bare prompt's NLL plus KL(now || before) of the next token after the
+    subject in "{subject} is a", the delta z - h added at the subject's last token (h: that layer's output there)."""
+    config = dataclasses.replace(TINY, n_context_templates=0, v_num_grad_steps=4, v_weight_decay=0.0,
+                                 kl_factor=1.0, v_stop_loss=0.0)
+    model = tiny()
+    editor = LocateThenEdit(model, bpe_tokenizer, "memit", config, covariances(model, bpe_tokenizer, [1]))
+    request = requests(1)[0]
+    fact = _fact(bpe_tokenizer, request)
+    z, losses = editor._target_value(fact)
+
+    def forward(ids: list[int], at: int, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token log-probs at every position and the edited layer's output at `at`, delta added there."""
+        seen = {}
+
+        def add(module, args, output):
+            seen["h"] = output[0, at].clone()
+            output = output.clone()
+            output[0, at] += delta
+            return output
+
+        handle = model.model.layers[1].register_forward_hook(add)
+        with torch.no_grad():
+            logps = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        handle.remove()
+        return logps, seen["h"]
+
+    at = len(bpe_tokenizer(request.prompt)["input_ids"]) - 1
+    h = forward(fact.input_ids, at, torch.zeros_like(z))[1]
+    logps = forward(fact.input_ids, at, z - h)[0]
+    n = len(fact.y_w)
+    nll = -logps[-n - 1:-1].gather(-1, torch.tensor(fact.y_w)[:, None]).mean()
+    kl_ids = bpe_tokenizer(request.subject + " is a")["input_ids"]
+    subject_end = len(bpe_tokenizer(request.subject)["input_ids"]) - 1
+    before = forward(kl_ids, subject_end, torch.zeros_like(z))[0][subject_end]
+    now = forward(kl_ids, subject_end, z - h)[0][subject_end]
+    kl = (now.exp() * (now - before)).sum()
+    assert kl > 1e-4 and losses[-1] == pytest.approx((nll + kl).item(), rel=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["memit", "alphaedit"])
 def test_edits_make_the_target_the_greedy_answer(method, dtype, bpe_tokenizer) -> None:
