@@ -195,11 +195,12 @@ class KDPOEditor(L.LightningModule):
 
     test_step = validation_step
 
-    # Resuming: a checkpoint holds only the trained tensors, the records, the RNG and the constraints.
+    # Resuming: a checkpoint holds only the trained tensors, the records, the RNG and the constraints (no Adam state).
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         values = self._original if self._original is not None else self.policy.original_values()  # single: rolled back
         checkpoint["state_dict"] = {f"lm.{k}": v.detach().cpu() for k, v in values.items()}
+        checkpoint["optimizer_states"] = []  # every edit starts a fresh Adam: its moments were twice the tensor
         checkpoint["kdpo"] = {"records": self.records, "rng": torch.get_rng_state(),
                               "constraints": [c.state_dict() for c in self.policy.constraints],
                               "locate": self.locator.state_dict() if self.locator else None,

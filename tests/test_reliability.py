@@ -190,6 +190,7 @@ def test_killed_run_resumes_to_the_same_result(runs):
     assert not at_kill["results_exists"] and not at_kill["edit_exists"]
     assert sorted(at_kill["ckpt"]["kdpo"]["records"]) == list(range(10))
     assert at_kill["ckpt"]["SequentialEditDataModule"]["position"] == 10
+    assert at_kill["ckpt"]["optimizer_states"] == []  # a fresh Adam per edit: no moments to keep
     # the resumed process began at the edit after the checkpoint and did each remaining edit once
     assert runs["resumed_edits"] == list(range(10, N_EDITS))
     results = json.loads((runs["killed"] / "results.json").read_text())
