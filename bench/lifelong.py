@@ -275,6 +275,14 @@ def plot(found: dict[str, Runs], path: Path, title: str) -> Path:
     return path
 
 
+def saved_best(path: Path) -> str | None:
+    """The variant the table at `path` was last judged on, so that a run or a table without --best keeps it."""
+    if not path.exists():
+        return None
+    best = json.loads(path.read_text()).get("verdict", {}).get("best")
+    return best if best in METHODS else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -283,7 +291,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, help=f"edits per run (default: {FULL.size}; {FULL.tune} on tune)")
     parser.add_argument("--every", type=int, help=f"edits between curve points (default {FULL.every})")
     parser.add_argument("--best", choices=list(METHODS), help="the variant judged against FT-M, paper KDPO and "
-                        "AlphaEdit, paired by request (default: no verdict)")
+                        "AlphaEdit, paired by request (default: the one the saved table was last judged on, if any)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     parser.add_argument("--table", action="store_true", help="only the table, verdict and plot of existing results")
@@ -317,11 +325,12 @@ def main() -> None:
     if not found:
         sys.exit(f"no results in {out / 'lifelong'} for orderings {args.orderings}")
     text, rows = table(found)
-    facts = {}
-    if args.best:
-        paragraph, facts = verdict(found, rows, args.best)
-        text += "\n\n" + paragraph
     name = setup.name + ("_tune" if tune else "")
+    best = args.best or saved_best(out / f"{name}.json")
+    facts = {}
+    if best:
+        paragraph, facts = verdict(found, rows, best)
+        text += "\n\n" + paragraph
     report.RESULTS = out  # report.save writes there
     picture = plot(found, out / f"{name}.png", f"{setup.data}, sequential edits, 95% intervals over orderings "
                                                  "and requests")

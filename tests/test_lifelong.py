@@ -19,8 +19,8 @@ TINY = ["--model.target.layer", "2", "--model.edit.lr", "0.005", "--model.edit.n
         "--model.edit.n_steps", "4", "--evaluation.fluency", "false", "--evaluation.generation_max_tokens", "6"]
 
 
-def _bench(tmp_path: Path, model_dir: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "bench/lifelong.py", "--quick", "--methods", "ftm", "kdpo", "--best", "kdpo",
+def _bench(tmp_path: Path, model_dir: Path, best: list[str] = ("--best", "kdpo")) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "bench/lifelong.py", "--quick", "--methods", "ftm", "kdpo", *best,
            "--out", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
            "--model.name_or_path", str(model_dir), *TINY]
     env = {**os.environ, "KDPO_LIGHTNING_DATA": str(FIXTURES), "HF_HUB_OFFLINE": "1"}  # MMLU, HellaSwag: 3 each
@@ -88,9 +88,10 @@ def test_quick_run_table_verdict_and_plot(tiny_llama_dir, tmp_path):
     assert "No results for alphaedit" in saved["table"]
     assert (out / "lifelong_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    again = _bench(tmp_path, tiny_llama_dir)  # finished runs are kept, not rerun
+    again = _bench(tmp_path, tiny_llama_dir, best=[])  # finished runs are kept, not rerun
     assert "started" in first.stdout and "started" not in again.stdout
-    assert json.loads((out / "lifelong_quick.json").read_text())["rows"] == rows
+    resaved = json.loads((out / "lifelong_quick.json").read_text())
+    assert resaved["rows"] == rows and resaved["verdict"] == facts  # no --best: the last verdict is kept
 
 
 def test_orderings_disjoint_from_tuning_and_a_superset_of_quality_slice():
