@@ -21,7 +21,9 @@ seeded samples (seeds 1 and 2) of 500 from the rest.
 
 Runs write bench/results/lifelong/<ordering>_<method>.json. A run's checkpoint (its trained tensor, records
 and RNG: a few MB) is kept in bench/results/lifelong/checkpoints/ until it ends, so that committing it
-carries an unfinished run into the next sitting; its log is in runs/lifelong/. The table,
+carries an unfinished run into the next sitting; its log is in runs/lifelong/. The unedited model's answers
+(half an hour for 500 requests) are generated once per ordering, into bench/results/lifelong/pre_edit/
+(`evaluation.pre_edit_cache`): commit them too. The table,
 the verdict and their numbers go to bench/results/lifelong.json (lifelong_tune.json for the tuning
 ordering), the plot to bench/results/lifelong.png. The table is the state after the last edit (the last
 curve point); Locality is the mean of the requests' `locality_mean`, as in bench/quality.py.
@@ -125,6 +127,7 @@ def run(ordering: str, method: str, *, out: Path, runs: Path, n: int, every: int
         return None
     data = quality.cli_path(out / "lifelong" / "orderings" / f"{ordering}.json")
     args = ["--data.path", data, "--data.n_edits", str(n), "--evaluation.generation", "true",
+            "--evaluation.pre_edit_cache", quality.cli_path(out / "lifelong" / "pre_edit"),
             "--retention.every_n_edits", str(every), "--retention.light_points", "true", *CAPABILITY, *METHODS[method], *forwarded]
     checkpoints = out / "lifelong" / "checkpoints" / f"{ordering}_{method}"
     failed = quality.fit(f"{ordering}_{method}", args, runs / f"{ordering}_{method}", result, threads, checkpoints)

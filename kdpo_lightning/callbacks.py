@@ -9,6 +9,7 @@ editor (`pl_module.lm`). Results and the curve use the evaluation callback's row
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from .curves import plot_curve
 from .distributed import gather_dicts
 from .evaluate import EditEvaluator, format_table, write_results
-from .saving import edit_path, save_edit
+from .saving import atomic_write, edit_path, save_edit
 
 EVAL_MODES = ("after_all", "after_each")
 PER_REQUEST = ("index", "edit_success", "rephrase", "locality_mean", "gen_edit_success_em", "gen_edit_success_contains")
@@ -58,7 +59,8 @@ class EditEvaluation(L.Callback):
 
     def __init__(self, mode: str = "after_all", batch_size: int = 16, fluency: bool = True,
                  fluency_sampling: str = "greedy", max_new_tokens: int = 100, generation: bool = False,
-                 generation_max_tokens: int = 50, chat_template: bool | None = None) -> None:
+                 generation_max_tokens: int = 50, chat_template: bool | None = None,
+                 pre_edit_cache: str | None = None) -> None:
         """
         Args:
             mode: after_all or after_each.
@@ -72,6 +74,9 @@ class EditEvaluation(L.Callback):
                 a newline or a sentence's end).
             chat_template: put each prompt through the tokenizer's chat template as one user turn
                 (None: when the tokenizer has one).
+            pre_edit_cache: a folder that keeps the unedited model's snapshot (its locality predictions and
+                generated answers) under `EditEvaluator.snapshot_key`: a later run on the same weights, requests
+                and decoding (another method, say) reads it instead of generating again. None: no cache.
         """
         self.settings = {k: v for k, v in locals().items() if k != "self"}
         if mode not in EVAL_MODES:
@@ -79,7 +84,7 @@ class EditEvaluation(L.Callback):
         self.mode, self.batch_size, self.fluency, self.fluency_sampling = mode, batch_size, fluency, fluency_sampling
         self.max_new_tokens, self.generation = max_new_tokens, generation
         self.generation_max_tokens = generation_max_tokens
-        self.chat_template = chat_template
+        self.chat_template, self.pre_edit_cache = chat_template, pre_edit_cache
         self.evaluator: EditEvaluator | None = None
         self.rows: dict[int, dict] = {}
         """Per scored request index: its metrics row."""
@@ -95,7 +100,21 @@ class EditEvaluation(L.Callback):
         if self._restored is not None and _fitting(trainer):
             self.evaluator.load_state_dict(self._restored)
         else:
-            self.evaluator.snapshot_pre(pl_module.lm)
+            self._snapshot(trainer, pl_module.lm)
+
+    def _snapshot(self, trainer: L.Trainer, model) -> None:
+        """The unedited model's snapshot, read from `pre_edit_cache` when a run on the same inputs left it there."""
+        if not self.pre_edit_cache:
+            self.evaluator.snapshot_pre(model)
+            return
+        path = Path(self.pre_edit_cache) / f"{self.evaluator.snapshot_key(model)[:16]}.json"
+        if path.is_file():
+            self.evaluator.load_state_dict(json.loads(path.read_text()))
+            return
+        self.evaluator.snapshot_pre(model)
+        if trainer.is_global_zero:
+            with atomic_write(path) as tmp:
+                tmp.write_text(json.dumps(self.evaluator.state_dict(), ensure_ascii=False))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(trainer, pl_module)

@@ -196,15 +196,13 @@ def cached_covariances(model: nn.Module, tokenizer, names: Sequence[str], n_text
     texts, dtype) and kept under the kdpo-lightning cache as safetensors, so a changed model under the
     same name is not served stale covariances.
 
-    The key is a sha256 over the token ids of the texts and over the name, shape, dtype and full bytes
-    of every parameter the projections' inputs depend on (`covered_parameters`). Full bytes, not a
-    strided sample: a sample misses an edit of a few entries, and hashing is affordable (sha256 reads
-    0.8-1.8 GB/s on one core of a busy or idle AMD EPYC: LLaMA-3-8B up to layer 21, 10.6 GB in bf16,
-    takes 6-14 s). Parameters that accelerate offloaded (meta tensors) enter by name, shape and dtype only.
-    `n_texts` 0 preserves no text: zero covariances, computed here without the disk."""
+    The key is a sha256 over the token ids of the texts and every parameter the projections' inputs
+    depend on (`covered_parameters`, hashed by `models.hash_parameters`: LLaMA-3-8B up to layer 21,
+    10.6 GB in bf16, takes 6-14 s). `n_texts` 0 preserves no text: zero covariances, computed here
+    without the disk."""
     from safetensors.torch import load_file, save_file
 
-    from .models import cache_root
+    from .models import cache_root, hash_parameters
     from .saving import atomic_write
 
     if n_texts < 0:
@@ -214,10 +212,7 @@ def cached_covariances(model: nn.Module, tokenizer, names: Sequence[str], n_text
         return {name: c.cpu() for name, c in key_covariances(model, modules, []).items()}
     batches = preserved_batches(tokenizer, n_texts, 0, device)
     digest = hashlib.sha256(json.dumps([model_id, sorted(names), n_texts]).encode())
-    for name, param in covered_parameters(model, names):
-        digest.update(f"{name} {tuple(param.shape)} {param.dtype}".encode())
-        if not param.is_meta:
-            digest.update(param.detach().reshape(-1).view(torch.uint8).cpu().numpy())
+    hash_parameters(digest, covered_parameters(model, names))
     for ids in batches:
         digest.update(ids.cpu().numpy())
     path = cache_root() / "covariance" / f"{digest.hexdigest()[:16]}.safetensors"

@@ -6,6 +6,7 @@ come from :func:`kdpo_lightning.data.encode`, the rule the training loss uses.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,7 @@ from kdpo_lightning.generation import (
     SAMPLINGS, by_length, contains, exact_match, generate_texts, greedy_answers, has_chat_template, left_pad,
     model_device, pad_token_id,
 )
+from kdpo_lightning.models import hash_parameters
 from kdpo_lightning.saving import atomic_write
 from kdpo_lightning.metrics import (
     EditSuccess, Fluency, Generalization, Locality, Portability, ngram_entropy, probe_accuracy,
@@ -124,6 +126,16 @@ class EditEvaluator:
 
     def _decoding(self) -> dict:
         return {"chat_template": self.chat_template, "max_new_tokens": self.generation_max_tokens}
+
+    def snapshot_key(self, model: torch.nn.Module) -> str:
+        """A sha256 (hex) of what :meth:`snapshot_pre` reads: every parameter of `model`, the token ids of every
+        scored prompt and answer, the decoding (chat template included) and the batch size."""
+        template = getattr(self.tokenizer, "chat_template", None) if self.chat_template else None
+        inputs = [[encode(self.tokenizer, p, a).input_ids for _, _, p, a in jobs] for jobs in self._jobs]
+        digest = hashlib.sha256(json.dumps([inputs, self.generation, self._decoding(), template,
+                                            self.batch_size]).encode())
+        hash_parameters(digest, list(model.named_parameters()))
+        return digest.hexdigest()
 
     def snapshot_pre(self, model: torch.nn.Module) -> None:
         """Records the unedited model's locality predictions for every request and, with

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -361,6 +362,17 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def hash_parameters(digest, params: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Feed each parameter's name, shape, dtype and full bytes to `digest` (a hashlib object): a key that
+    changes with any entry, so a cache keyed on it never serves results of another model. Full bytes, not
+    a strided sample: a sample misses an edit of a few entries, and sha256 reads 0.8-1.8 GB/s on one core
+    (LLaMA-3-8B, 16 GB in bf16: 9-20 s). Offloaded parameters (meta tensors) enter by name, shape and dtype."""
+    for name, param in params:
+        digest.update(f"{name} {tuple(param.shape)} {param.dtype}".encode())
+        if not param.is_meta:
+            digest.update(param.detach().reshape(-1).view(torch.uint8).cpu().numpy())
 
 
 def _convert(gguf: Path, out: Path) -> None:

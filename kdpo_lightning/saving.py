@@ -16,10 +16,11 @@ from torch import nn
 @contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`, then rename it over `path`: a crash mid-write leaves the
-    previous file whole and no temp file behind."""
+    previous file whole and no temp file behind. The temp name is the process's own, so processes
+    writing the same file at once (two runs filling one cache) each rename a whole file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -59,6 +59,33 @@ def test_trainer_with_the_callbacks_writes_results_and_the_edit(tmp_path):
     assert (tmp_path / "results.json").exists() and (tmp_path / "results.edit.safetensors").exists()
 
 
+def test_the_pre_edit_snapshot_is_computed_once_per_model_and_requests(tmp_path, monkeypatch):
+    """`pre_edit_cache`: the first fit writes the unedited model's snapshot (what `snapshot_pre` gives on its
+    own); a fit of another method on the same weights reads it without decoding; other weights get their own."""
+    tokenizer, cache = make_bpe_tokenizer(), tmp_path / "pre_edit"
+    settings = dict(fluency=False, generation=True, generation_max_tokens=4, pre_edit_cache=str(cache))
+
+    def fit(model, method: str) -> dict:
+        evaluation = EditEvaluation(**settings)
+        editor = KDPOEditor.from_model(model, tokenizer, method=method, **HPARAMS)
+        _trainer(callbacks=[evaluation]).fit(editor, datamodule=_datamodule(tokenizer))
+        return evaluation.evaluator.state_dict()
+
+    alone = EditEvaluator(tokenizer, _datamodule(tokenizer).requests, fluency=False, generation=True,
+                          generation_max_tokens=4)
+    alone.snapshot_pre(tiny_model("llama"))
+    first = fit(tiny_model("llama"), "kdpo")
+    assert first == alone.state_dict() and len(list(cache.iterdir())) == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(EditEvaluator, "snapshot_pre", lambda *_: pytest.fail("the cached snapshot was not read"))
+        assert fit(tiny_model("llama"), "ftm") == first
+    other = tiny_model("llama")
+    with torch.no_grad():
+        other.lm_head.weight[0, 0] += 1.0
+    fit(other, "kdpo")
+    assert len(list(cache.iterdir())) == 2
+
+
 def _marks(model: torch.nn.Module) -> dict:
     """Everything a guest could leave on a model: flags, hooks, instance forwards, train mode."""
     return {

@@ -495,3 +495,21 @@ def test_argument_of_the_wrong_type(capsys, run_dir, model_dir):
     assert exit_.value.code == 2
     assert 'error: Parser key "model.edit.lr":\n  Expected a <class \'float\'>. Got value: fast' in capsys.readouterr().err
     assert _snapshot(out) == before
+
+
+def test_two_processes_writing_one_file_each_rename_a_whole_one(tmp_path):
+    """Two runs filling one cache write the same file at once: while this process holds its temp file,
+    another writes and renames its own; both finish, the file is whole and no temp file is left."""
+    from kdpo_lightning.saving import atomic_write
+
+    path = tmp_path / "shared.json"
+    other = textwrap.dedent(f"""
+        from kdpo_lightning.saving import atomic_write
+        with atomic_write({str(path)!r}) as tmp:
+            tmp.write_text("theirs")
+    """)
+    with atomic_write(path) as tmp:
+        tmp.write_text("ours")
+        subprocess.run([sys.executable, "-c", other], check=True)
+        assert path.read_text() == "theirs"
+    assert path.read_text() == "ours" and [p.name for p in tmp_path.iterdir()] == ["shared.json"]
