@@ -9,8 +9,11 @@ editor (`pl_module.lm`). Results and the curve use the evaluation callback's row
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +23,25 @@ from lightning.pytorch.trainer.states import TrainerFn
 from .curves import plot_curve
 from .distributed import gather_dicts
 from .evaluate import EditEvaluator, format_table, write_results
+from .models import hash_parameters
 from .saving import atomic_write, edit_path, save_edit
 
 EVAL_MODES = ("after_all", "after_each")
 PER_REQUEST = ("index", "edit_success", "rephrase", "locality_mean", "gen_edit_success_em", "gen_edit_success_contains")
 """Per-request scores a curve point keeps beside its means, for intervals over requests (bench/lifelong.py)."""
+
+
+def cached_json(folder: str, key: str, compute: Callable[[], Any], write: bool = True) -> Any:
+    """What `compute()` returns (plain data), or what an earlier call with the same `key` (a hex sha256 of
+    everything the result depends on) left in `folder`; `write`: keep a new result there."""
+    path = Path(folder) / f"{key[:16]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    if write:
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(value, ensure_ascii=False))
+    return value
 
 
 def find_callback(trainer: L.Trainer, cls: type) -> Any:
@@ -76,7 +93,8 @@ class EditEvaluation(L.Callback):
                 (None: when the tokenizer has one).
             pre_edit_cache: a folder that keeps the unedited model's snapshot (its locality predictions and
                 generated answers) under `EditEvaluator.snapshot_key`: a later run on the same weights, requests
-                and decoding (another method, say) reads it instead of generating again. None: no cache.
+                and decoding (another method, say) reads it instead of generating again; `RetentionCurve` keeps
+                the unedited model's capability there too. None: no cache.
         """
         self.settings = {k: v for k, v in locals().items() if k != "self"}
         if mode not in EVAL_MODES:
@@ -107,14 +125,13 @@ class EditEvaluation(L.Callback):
         if not self.pre_edit_cache:
             self.evaluator.snapshot_pre(model)
             return
-        path = Path(self.pre_edit_cache) / f"{self.evaluator.snapshot_key(model)[:16]}.json"
-        if path.is_file():
-            self.evaluator.load_state_dict(json.loads(path.read_text()))
-            return
-        self.evaluator.snapshot_pre(model)
-        if trainer.is_global_zero:
-            with atomic_write(path) as tmp:
-                tmp.write_text(json.dumps(self.evaluator.state_dict(), ensure_ascii=False))
+
+        def compute() -> dict:
+            self.evaluator.snapshot_pre(model)
+            return self.evaluator.state_dict()
+
+        key = self.evaluator.snapshot_key(model)
+        self.evaluator.load_state_dict(cached_json(self.pre_edit_cache, key, compute, trainer.is_global_zero))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(trainer, pl_module)
@@ -196,7 +213,18 @@ class RetentionCurve(L.Callback):
 
         self.questions = {n: load_questions(n, self.capability_n, _seed(trainer)) for n in self.capability_names}
         if not self.capability_before:
-            self.capability_before = self.capability(pl_module)
+            self.capability_before = self._capability_before(trainer, pl_module)
+
+    def _capability_before(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Capability of the unedited model, kept with its snapshot in `EditEvaluation.pre_edit_cache` if set."""
+        evaluation = find_callback(trainer, EditEvaluation)
+        folder = evaluation.pre_edit_cache if evaluation else None
+        if not folder or not self.questions:
+            return self.capability(pl_module)
+        digest = hashlib.sha256(json.dumps([{n: [dataclasses.astuple(q) for q in qs] for n, qs in self.questions.items()},
+                                            evaluation.batch_size]).encode())
+        hash_parameters(digest, list(pl_module.lm.named_parameters()))
+        return cached_json(folder, digest.hexdigest(), lambda: self.capability(pl_module), trainer.is_global_zero)
 
     def capability(self, pl_module: L.LightningModule) -> dict[str, float]:
         """{"capability/<benchmark>/<acc|acc_norm>": x100} on the current model."""

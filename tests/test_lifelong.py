@@ -51,7 +51,7 @@ def test_quick_run_table_verdict_and_plot(tiny_llama_dir, tmp_path):
         assert [p["edits"] for p in res["curve"]] == [3, 6]
         assert res["curve"][-1]["per_request"]["edit_success"] == [r["edit_success"] for r in res["requests"]]
     assert not any((out / "lifelong" / "checkpoints").iterdir())  # a finished run's checkpoint is gone
-    assert len(list((out / "lifelong" / "pre_edit").iterdir())) == 2  # one pre-edit snapshot per ordering
+    assert len(list((out / "lifelong" / "pre_edit").iterdir())) == 3  # a snapshot per ordering, one capability
 
     saved = json.loads((out / "lifelong_quick.json").read_text())
     rows = saved["rows"]

@@ -86,6 +86,24 @@ def test_resumed_run_keeps_the_curve(tiny_llama_dir, tmp_path):
     assert [r["edit_success_right_after"] for r in a["requests"]] == [r["edit_success_right_after"] for r in b["requests"]]
 
 
+def test_capability_before_is_kept_with_the_pre_edit_snapshot(tiny_llama_dir, tmp_path, monkeypatch):
+    """With `evaluation.pre_edit_cache`, a second run on the same model (another method) reads the unedited
+    model's capability from the cache: one capability pass fewer, the same numbers."""
+    from kdpo_lightning.callbacks import RetentionCurve
+
+    calls, capability = [], RetentionCurve.capability
+    monkeypatch.setattr(RetentionCurve, "capability", lambda self, module: calls.append(1) or capability(self, module))
+    cache = ["--evaluation.pre_edit_cache", str(tmp_path / "pre_edit")]
+    results = []
+    for name, method in (("a", "kdpo"), ("b", "ftm")):
+        calls.clear()
+        assert main(_args(tiny_llama_dir, tmp_path / name, *cache, "--model.edit.method", method, n=3)) == 0
+        results.append((json.loads((tmp_path / name / "results.json").read_text()), len(calls)))
+    (first, first_calls), (second, second_calls) = results
+    assert second["capability_before"] == first["capability_before"] and second_calls == first_calls - 1
+    assert len(list((tmp_path / "pre_edit").iterdir())) == 2  # the generated answers, the capability
+
+
 def test_retention_needs_sequential_mode(tiny_llama_dir, tmp_path, capsys):
     assert main(_args(tiny_llama_dir, tmp_path, "--model.edit_mode", "single")) == 2
     assert "every_n_edits follows a sequence of edits" in capsys.readouterr().err
