@@ -132,7 +132,7 @@ def run(ordering: str, method: str, *, out: Path, runs: Path, n: int, every: int
     checkpoints = out / "lifelong" / "checkpoints" / f"{ordering}_{method}"
     failed = quality.fit(f"{ordering}_{method}", args, runs / f"{ordering}_{method}", result, threads, checkpoints)
     if not failed:
-        shutil.rmtree(checkpoints)  # the results are the record now
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the results are the record now
     return failed
 
 
