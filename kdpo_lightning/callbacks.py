@@ -23,7 +23,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from .curves import plot_curve
 from .distributed import gather_dicts
 from .evaluate import EditEvaluator, format_table, write_results
-from .models import hash_parameters
+from .models import weights_digest
 from .saving import atomic_write, edit_path, save_edit
 
 EVAL_MODES = ("after_all", "after_each")
@@ -104,13 +104,15 @@ class EditEvaluation(L.Callback):
         self.generation_max_tokens = generation_max_tokens
         self.chat_template, self.pre_edit_cache = chat_template, pre_edit_cache
         self.evaluator: EditEvaluator | None = None
+        self.weights_at_start: str | None = None
+        """With `pre_edit_cache`: the `weights_digest` of the unedited model, for other caches keyed on it."""
         self.rows: dict[int, dict] = {}
         """Per scored request index: its metrics row."""
         self._final = False
         self._restored: dict | None = None
 
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._final = False
+        self._final, self.weights_at_start = False, None
         self.evaluator = EditEvaluator(pl_module.tokenizer, _requests(trainer), self.batch_size, self.fluency,
                                        self.fluency_sampling, self.max_new_tokens, seed=_seed(trainer),
                                        generation=self.generation, generation_max_tokens=self.generation_max_tokens,
@@ -130,7 +132,8 @@ class EditEvaluation(L.Callback):
             self.evaluator.snapshot_pre(model)
             return self.evaluator.state_dict()
 
-        key = self.evaluator.snapshot_key(model)
+        self.weights_at_start = weights_digest(model)
+        key = self.evaluator.snapshot_key(self.weights_at_start)
         self.evaluator.load_state_dict(cached_json(self.pre_edit_cache, key, compute, trainer.is_global_zero))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -212,7 +215,9 @@ class RetentionCurve(L.Callback):
         from .capability import load_questions
 
         self.questions = {n: load_questions(n, self.capability_n, _seed(trainer)) for n in self.capability_names}
-        if not self.capability_before:
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.capability_before:  # after every callback's fit start: EditEvaluation has hashed the weights
             self.capability_before = self._capability_before(trainer, pl_module)
 
     def _capability_before(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
@@ -221,10 +226,10 @@ class RetentionCurve(L.Callback):
         folder = evaluation.pre_edit_cache if evaluation else None
         if not folder or not self.questions:
             return self.capability(pl_module)
-        digest = hashlib.sha256(json.dumps([{n: [dataclasses.astuple(q) for q in qs] for n, qs in self.questions.items()},
-                                            evaluation.batch_size]).encode())
-        hash_parameters(digest, list(pl_module.lm.named_parameters()))
-        return cached_json(folder, digest.hexdigest(), lambda: self.capability(pl_module), trainer.is_global_zero)
+        weights = evaluation.weights_at_start or weights_digest(pl_module.lm)
+        key = hashlib.sha256(json.dumps([{n: [dataclasses.astuple(q) for q in qs] for n, qs in self.questions.items()},
+                                         evaluation.batch_size, weights]).encode()).hexdigest()
+        return cached_json(folder, key, lambda: self.capability(pl_module), trainer.is_global_zero)
 
     def capability(self, pl_module: L.LightningModule) -> dict[str, float]:
         """{"capability/<benchmark>/<acc|acc_norm>": x100} on the current model."""

@@ -22,7 +22,6 @@ from kdpo_lightning.generation import (
     SAMPLINGS, by_length, contains, exact_match, generate_texts, greedy_answers, has_chat_template, left_pad,
     model_device, pad_token_id,
 )
-from kdpo_lightning.models import hash_parameters
 from kdpo_lightning.saving import atomic_write
 from kdpo_lightning.metrics import (
     EditSuccess, Fluency, Generalization, Locality, Portability, ngram_entropy, probe_accuracy,
@@ -127,15 +126,14 @@ class EditEvaluator:
     def _decoding(self) -> dict:
         return {"chat_template": self.chat_template, "max_new_tokens": self.generation_max_tokens}
 
-    def snapshot_key(self, model: torch.nn.Module) -> str:
-        """A sha256 (hex) of what :meth:`snapshot_pre` reads: every parameter of `model`, the token ids of every
-        scored prompt and answer, the decoding (chat template included) and the batch size."""
+    def snapshot_key(self, weights: str) -> str:
+        """A sha256 (hex) of what :meth:`snapshot_pre` reads: the model's weights (`weights`, their
+        `models.weights_digest`), the token ids of every scored prompt and answer, the decoding (chat template
+        included) and the batch size."""
         template = getattr(self.tokenizer, "chat_template", None) if self.chat_template else None
         inputs = [[encode(self.tokenizer, p, a).input_ids for _, _, p, a in jobs] for jobs in self._jobs]
-        digest = hashlib.sha256(json.dumps([inputs, self.generation, self._decoding(), template,
-                                            self.batch_size]).encode())
-        hash_parameters(digest, list(model.named_parameters()))
-        return digest.hexdigest()
+        return hashlib.sha256(json.dumps([inputs, self.generation, self._decoding(), template, self.batch_size,
+                                          weights]).encode()).hexdigest()
 
     def snapshot_pre(self, model: torch.nn.Module) -> None:
         """Records the unedited model's locality predictions for every request and, with

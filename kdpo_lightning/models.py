@@ -375,6 +375,14 @@ def hash_parameters(digest, params: Sequence[tuple[str, torch.Tensor]]) -> None:
             digest.update(param.detach().reshape(-1).view(torch.uint8).cpu().numpy())
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """A sha256 (hex) of every parameter of `model` (`hash_parameters`): computed once per fit start and shared
+    by the caches keyed on the unedited model, since hashing LLaMA-3-8B's weights takes 9-20 s."""
+    digest = hashlib.sha256()
+    hash_parameters(digest, list(model.named_parameters()))
+    return digest.hexdigest()
+
+
 def _convert(gguf: Path, out: Path) -> None:
     """Dequantize the GGUF with transformers and save an fp32 safetensors model plus tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -88,16 +88,22 @@ def test_resumed_run_keeps_the_curve(tiny_llama_dir, tmp_path):
 
 def test_capability_before_is_kept_with_the_pre_edit_snapshot(tiny_llama_dir, tmp_path, monkeypatch):
     """With `evaluation.pre_edit_cache`, a second run on the same model (another method) reads the unedited
-    model's capability from the cache: one capability pass fewer, the same numbers."""
+    model's capability from the cache: one capability pass fewer, the same numbers. Each run hashes its
+    weights once, for both caches."""
+    from kdpo_lightning import callbacks, evaluate, models
     from kdpo_lightning.callbacks import RetentionCurve
 
-    calls, capability = [], RetentionCurve.capability
+    calls, capability, hashes, hash_parameters = [], RetentionCurve.capability, [], models.hash_parameters
     monkeypatch.setattr(RetentionCurve, "capability", lambda self, module: calls.append(1) or capability(self, module))
+    for module in (models, callbacks, evaluate):  # wherever it is imported
+        monkeypatch.setattr(module, "hash_parameters", lambda *args: hashes.append(1) or hash_parameters(*args),
+                            raising=False)
     cache = ["--evaluation.pre_edit_cache", str(tmp_path / "pre_edit")]
     results = []
     for name, method in (("a", "kdpo"), ("b", "ftm")):
-        calls.clear()
+        calls.clear(), hashes.clear()
         assert main(_args(tiny_llama_dir, tmp_path / name, *cache, "--model.edit.method", method, n=3)) == 0
+        assert len(hashes) == 1
         results.append((json.loads((tmp_path / name / "results.json").read_text()), len(calls)))
     (first, first_calls), (second, second_calls) = results
     assert second["capability_before"] == first["capability_before"] and second_calls == first_calls - 1
