@@ -83,6 +83,8 @@ METHODS = {  # name: overrides of configs/demo.yaml; a new variant is one more l
     "kdpo_keyspan": KEY_SPAN,  # each update within the span of the edit's own keys
     "kdpo_replay3_keyspan": REPLAY3 + KEY_SPAN,
     "alphaedit_kdpo": quality.METHODS["alphaedit"] + ["--model.locate.v_objective", "kdpo"],  # KDPO's z, closed form
+    "alphaedit_kdpo_margin2": quality.METHODS["alphaedit"] + ["--model.locate.v_objective", "kdpo",
+                                                              "--model.locate.v_margin", "2.0"],  # z past the argmax
 }
 BASELINES = ("ftm", "kdpo", "alphaedit")
 CAPABILITY = ["--retention.capability", "[mmlu, hellaswag]", "--retention.capability_n", "200"]

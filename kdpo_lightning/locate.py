@@ -67,11 +67,16 @@ class LocateConfig:
     v_objective: str = "nll"
     """What z is trained on: nll (the official: y_w's mean NLL over the templates) or kdpo (KDPO's loss against
     the model before the edit, averaged over the templates, y_l the teacher-forced argmax regenerated every
-    `v_cycle_steps` steps; z is found once y_l == y_w in every template, and `v_stop_loss` is not used)."""
+    `v_cycle_steps` steps; z is found once y_l == y_w in every template, or by `v_margin`; `v_stop_loss` is
+    not used)."""
     v_beta: float = 0.1
     """KDPO's beta for `v_objective: kdpo`."""
     v_cycle_steps: int = 8
     """Adam steps between y_l regenerations for `v_objective: kdpo` (KDPO's steps per cycle)."""
+    v_margin: float = 0.0
+    """For `v_objective: kdpo`, the lead z must give y_w (`rival_and_found`): 0, KDPO's stop (y_w is the argmax);
+    above 0, y_l is the strongest other token and z is found once log p(y_w) leads it by this everywhere,
+    which leaves the closed-form write (that reaches z only in part) room to land the edit."""
     mom2_update_weight: float = 15000.0
     """MEMIT's lambda, the weight of the preserved keys' second moment C (mom2_update_weight)."""
     nullspace_threshold: float = 2e-2
@@ -97,9 +102,9 @@ class LocateConfig:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.v_objective not in V_OBJECTIVES:
             raise ValueError(f"v_objective must be one of {V_OBJECTIVES}, got {self.v_objective!r}")
-        if not self.v_beta > 0 or self.v_cycle_steps < 1:
-            raise ValueError(f"v_beta must be positive and v_cycle_steps at least 1, got {self.v_beta}, "
-                             f"{self.v_cycle_steps}")
+        if not self.v_beta > 0 or self.v_cycle_steps < 1 or self.v_margin < 0:
+            raise ValueError(f"v_beta must be positive, v_cycle_steps at least 1 and v_margin 0 or more, got "
+                             f"{self.v_beta}, {self.v_cycle_steps}, {self.v_margin}")
         if self.v_num_grad_steps < 1:
             raise ValueError(f"v_num_grad_steps must be at least 1, got {self.v_num_grad_steps}")
         if self.context_template_length < 2:
@@ -158,6 +163,19 @@ def kdpo_rows_loss(rows: Tensor, ref_rows: Tensor, y_w: Tensor, y_l: Tensor, n: 
     losses = [kdpo_loss(r, q, w, l, beta) for r, q, w, l in zip(rows.split(n), ref_rows.split(n), y_w.split(n),
                                                                  y_l.split(n))]
     return torch.stack(losses).mean()
+
+
+def rival_and_found(rows: Tensor, y_w: Tensor, margin: float) -> tuple[Tensor, bool]:
+    """y_l for z's KDPO loss and whether z is found, from log-prob rows (N, V) over y_w (N,). Margin 0: KDPO's
+    y_l, the teacher-forced argmax, found once it is y_w everywhere. Above 0: the strongest token other than
+    y_w, found once y_w's log-prob leads it by `margin` everywhere."""
+    if margin == 0:
+        y_l = teacher_forced_argmax(rows)
+        return y_l, bool((y_l == y_w).all())
+    rivals = rows.scatter(-1, y_w[:, None], float("-inf"))
+    y_l = rivals.argmax(-1)
+    lead = rows.gather(-1, y_w[:, None]) - rivals.gather(-1, y_l[:, None])
+    return y_l, bool((lead >= margin).all())
 
 
 def spread_residual(residual: Tensor, index: int, n_layers: int) -> Tensor:
@@ -390,8 +408,7 @@ class LocateThenEdit:
                     else:
                         ref_rows = rows.detach() if ref_rows is None else ref_rows  # delta = 0: the model before
                         if step % cfg.v_cycle_steps == 0:
-                            y_l = teacher_forced_argmax(rows).detach()
-                            held = bool((y_l == y_w).all())
+                            y_l, held = rival_and_found(rows.detach(), y_w, cfg.v_margin)
                         target = kdpo_rows_loss(rows, ref_rows, y_w, y_l, n, cfg.v_beta)
                     kl_logps = logits[-1, kl_column].float().log_softmax(-1)
                     kl_before = kl_logps.detach() if kl_before is None else kl_before

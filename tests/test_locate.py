@@ -23,6 +23,7 @@ from kdpo_lightning.locate import (
     edited_weight_names,
     memit_update,
     null_space,
+    rival_and_found,
     spread_residual,
 )
 from kdpo_lightning.objective import ftm_loss
@@ -366,3 +367,32 @@ def test_kdpo_target_value_starts_at_log_2_and_stops_once_y_w_is_the_argmax(bpe_
     assert len(nll_losses) > len(losses)
     with pytest.raises(ValueError, match="v_objective"):
         LocateConfig(v_objective="dpo")
+
+
+def test_rival_is_the_argmax_at_margin_0_else_the_strongest_other_token() -> None:
+    rows = torch.tensor([[0.0, -1.0, -3.0], [-2.0, -0.5, -1.0], [-4.0, -2.0, -0.1]])
+    y_w = torch.tensor([0, 1, 2])  # y_w leads by 1.0, 0.5 and 1.9
+    y_l, found = rival_and_found(rows, y_w, 0.0)
+    assert y_l.tolist() == [0, 1, 2] and found
+    y_l, found = rival_and_found(rows, y_w, 0.5)
+    assert y_l.tolist() == [1, 2, 1] and found
+    assert not rival_and_found(rows, y_w, 0.6)[1]  # the second row leads by 0.5 only
+    y_l, found = rival_and_found(rows, torch.tensor([2, 1, 2]), 0.0)  # y_w not the argmax in row 0
+    assert y_l.tolist() == [0, 1, 2] and not found
+    y_l, found = rival_and_found(rows, torch.tensor([2, 1, 2]), 1.0)
+    assert y_l.tolist() == [0, 2, 1] and not found
+
+
+def test_kdpo_target_value_with_a_margin_leads_every_rival_by_it(bpe_tokenizer) -> None:
+    """`v_margin`: z goes on past the argmax until y_w's log-prob leads every other token by the margin, read
+    from a plain forward with z written in (the bare prompt's template)."""
+    config = dataclasses.replace(TINY, v_num_grad_steps=200, v_lr=0.5, v_objective="kdpo", v_cycle_steps=4)
+    fact, argmax_losses, _ = target_value_and_rows(bpe_tokenizer, config)
+    fact, losses, rows = target_value_and_rows(bpe_tokenizer, dataclasses.replace(config, v_margin=1.0))
+    logps = rows.float().log_softmax(-1)
+    y_w = torch.tensor(fact.y_w)
+    lead = logps.gather(-1, y_w[:, None])[:, 0] - logps.scatter(-1, y_w[:, None], float("-inf")).max(-1).values
+    assert len(argmax_losses) < len(losses) < 200 and (len(losses) - 1) % 4 == 0
+    assert lead.min() >= 1.0 - 1e-4
+    with pytest.raises(ValueError, match="v_margin"):
+        LocateConfig(v_margin=-1.0)
